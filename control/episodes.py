@@ -1,0 +1,252 @@
+"""One episode representation for every dataset: flat step arrays plus episode offsets (no padding).
+
+Episode e owns steps `offsets[e]:offsets[e+1]` of `observations`, `actions` and `rewards`. Loaders:
+  load_minari(id_or_path)  a Minari dataset by id (local, MINARI_DATASETS_PATH) or by directory
+  load_d4rl_hdf5(path)     a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts)
+  save_minari(...)         writes Episodes as a Minari dataset (create_dataset_from_buffers)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from control.envs import EnvSpec, get_env
+
+
+@dataclass
+class Episodes:
+    observations: np.ndarray  # [N, obs_dim] float32, the observation each action was taken in
+    actions: np.ndarray  # [N, act_dim] float32
+    rewards: np.ndarray  # [N] float32
+    offsets: np.ndarray  # [E+1] int64, episode e is steps offsets[e]:offsets[e+1]
+    terminated: np.ndarray  # [E] bool, the episode ended in a terminal state (not a time limit)
+    env: str | None = None  # environment short name (control.envs), used for normalised scores and evaluation
+    source: str = ""  # where the data came from (for logs and reports)
+
+    def __post_init__(self):
+        self.observations = np.asarray(self.observations, dtype=np.float32)
+        self.actions = np.asarray(self.actions, dtype=np.float32)
+        self.rewards = np.asarray(self.rewards, dtype=np.float32).reshape(-1)
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        self.terminated = np.asarray(self.terminated, dtype=bool)
+        self.validate()
+
+    # ---- shape of the data
+    @property
+    def num_episodes(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def returns(self) -> np.ndarray:
+        """Undiscounted return of each episode [E] (float64)."""
+        return np.add.reduceat(self.rewards.astype(np.float64), self.offsets[:-1]) if self.num_episodes else np.zeros(0)
+
+    @property
+    def episode_ids(self) -> np.ndarray:
+        """The episode index of every step [N]."""
+        return np.repeat(np.arange(self.num_episodes), self.lengths)
+
+    def validate(self) -> None:
+        n = len(self.observations)
+        if self.offsets.ndim != 1 or len(self.offsets) < 2 or self.offsets[0] != 0 or self.offsets[-1] != n:
+            raise ValueError(f"offsets must run from 0 to the number of steps ({n}); got {self.offsets[:3]}...{self.offsets[-2:]}")
+        if np.any(np.diff(self.offsets) <= 0):
+            raise ValueError("every episode must have at least one step (offsets must be strictly increasing)")
+        for name, arr in (("actions", self.actions), ("rewards", self.rewards)):
+            if len(arr) != n:
+                raise ValueError(f"{name} has {len(arr)} steps but observations has {n}")
+        if len(self.terminated) != self.num_episodes:
+            raise ValueError(f"terminated has {len(self.terminated)} entries for {self.num_episodes} episodes")
+        for name, arr in (("observations", self.observations), ("actions", self.actions), ("rewards", self.rewards)):
+            bad = ~np.isfinite(arr.reshape(n, -1)).all(axis=1)
+            if bad.any():
+                first = int(np.argmax(bad))
+                ep = int(np.searchsorted(self.offsets, first, side="right") - 1)
+                raise ValueError(
+                    f"{self.source or 'dataset'}: field {name!r} has NaN/inf values at {int(bad.sum())} steps "
+                    f"(first: episode {ep}, step {first - self.offsets[ep]}). Fix the source data, or drop those "
+                    f"episodes with drop_nonfinite=True in the loader (CLI: --drop-nonfinite)."
+                )
+
+    def select(self, mask_or_index) -> "Episodes":
+        """A new Episodes holding the chosen episodes (bool mask [E] or integer indices), in the given order."""
+        idx = np.asarray(mask_or_index)
+        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
+        if len(idx) == 0:
+            raise ValueError(f"{self.source or 'dataset'}: the selection is empty (no episode passed the filter); "
+                             "use a larger fraction or check the dataset's returns")
+        steps = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
+        return Episodes(self.observations[steps], self.actions[steps], self.rewards[steps],
+                        np.concatenate([[0], np.cumsum(self.lengths[idx])]), self.terminated[idx], self.env, self.source)
+
+    def normalized_returns(self) -> np.ndarray:
+        from control.envs import normalized_score
+        return normalized_score(self.env, self.returns)
+
+    def summary(self) -> dict:
+        r = self.returns
+        out = {"source": self.source, "env": self.env, "episodes": self.num_episodes, "steps": self.num_steps,
+               "return_mean": float(r.mean()), "return_min": float(r.min()), "return_max": float(r.max())}
+        if self.env is not None:
+            nr = self.normalized_returns()
+            out.update(score_mean=float(nr.mean()), score_max=float(nr.max()))
+        return out
+
+
+def _from_lists(obs, act, rew, term, env, source, drop_nonfinite=False) -> Episodes:
+    """Builds Episodes from per-episode arrays, optionally dropping episodes with NaN/inf values."""
+    if drop_nonfinite:
+        keep = [i for i in range(len(obs)) if all(np.isfinite(x).all() for x in (obs[i], act[i], rew[i]))]
+        obs, act, rew, term = [obs[i] for i in keep], [act[i] for i in keep], [rew[i] for i in keep], [term[i] for i in keep]
+    if not obs:
+        raise ValueError(f"{source}: no episodes to load")
+    lengths = [len(r) for r in rew]
+    return Episodes(np.concatenate(obs), np.concatenate(act), np.concatenate(rew),
+                    np.concatenate([[0], np.cumsum(lengths)]), np.array(term, dtype=bool), env, source)
+
+
+def _env_from_spec_id(env_id: str | None, source: str) -> str:
+    if env_id is None:
+        raise ValueError(f"{source}: the dataset does not say which environment it comes from; pass --env")
+    return get_env(env_id).name
+
+
+def load_minari(dataset: str | Path, env: str | None = None, drop_nonfinite: bool = False) -> Episodes:
+    """Loads a Minari dataset by id ("mujoco/hopper/medium-v0", looked up in MINARI_DATASETS_PATH or ~/.minari)
+    or by directory (the dataset folder or its `data/` subfolder). `env` overrides the environment it names."""
+    import minari
+
+    p = Path(dataset)
+    if p.is_dir():
+        data_dir = p / "data" if (p / "data" / "metadata.json").exists() else p
+        if not (data_dir / "metadata.json").exists():
+            raise FileNotFoundError(f"{p} is not a Minari dataset directory (no metadata.json in it or in data/)")
+        ds = minari.MinariDataset(data_dir)
+    else:
+        local = minari.list_local_datasets()
+        if str(dataset) not in local:
+            raise FileNotFoundError(
+                f"Minari dataset {dataset!r} not found locally (root: {minari.storage.get_dataset_path()}). "
+                f"Download it with `minari download {dataset}`, set MINARI_DATASETS_PATH, build one with "
+                f"`python -m control.data build`, or pass a dataset directory. Local datasets: {sorted(local)}"
+            )
+        ds = minari.load_dataset(str(dataset))
+    spec = ds.spec.env_spec
+    env_name = get_env(env).name if env else _env_from_spec_id(spec.id if spec is not None else None, str(dataset))
+    obs, act, rew, term = [], [], [], []
+    for ep in ds.iterate_episodes():
+        o = ep.observations
+        if isinstance(o, dict):
+            raise ValueError(f"{dataset}: dict observations are not supported (flat Box observations only)")
+        T = len(ep.rewards)
+        obs.append(np.asarray(o)[:T])  # Minari stores T+1 observations (the final one too); keep those acted in
+        act.append(np.asarray(ep.actions)[:T])
+        rew.append(np.asarray(ep.rewards))
+        term.append(bool(np.asarray(ep.terminations)[-1]))
+    return _from_lists(obs, act, rew, term, env_name, f"minari:{dataset}", drop_nonfinite)
+
+
+D4RL_FIELDS = ("observations", "actions", "rewards", "terminals", "timeouts")
+
+
+def load_d4rl_hdf5(path: str | Path, env: str | None = None, drop_nonfinite: bool = False) -> Episodes:
+    """Loads a D4RL-format HDF5 file. Episodes end at `terminals | timeouts`; a trailing unfinished episode is kept.
+    The environment comes from `env`, the file's `env_name` attribute/metadata, or its file name (hopper_...)."""
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"D4RL file {path} does not exist")
+    with h5py.File(path, "r") as f:
+        missing = [k for k in D4RL_FIELDS if k not in f]
+        if "timeouts" in missing:
+            raise ValueError(
+                f"{path}: no 'timeouts' field, so episode boundaries at the time limit are unknown (D4RL -v0 files "
+                f"lack it). Use the -v2 file of this dataset, or add a boolean 'timeouts' array [N] (True at the "
+                f"last step of every time-limited episode) to the file."
+            )
+        if missing:
+            raise ValueError(f"{path}: missing D4RL field(s) {missing}; expected {list(D4RL_FIELDS)}")
+        data = {k: f[k][()] for k in D4RL_FIELDS}
+        name = env or f.attrs.get("env_name") or (f["metadata/env_name"][()] if "metadata/env_name" in f else None)
+    if isinstance(name, bytes):
+        name = name.decode()
+    if name is None:
+        stem = path.stem.lower()
+        name = next((k for k in ("halfcheetah", "hopper", "walker2d") if stem.startswith(k)), None)
+    env_name = _env_from_spec_id(name, str(path))
+    ends = np.flatnonzero(data["terminals"].astype(bool) | data["timeouts"].astype(bool)) + 1
+    n = len(data["rewards"])
+    if len(ends) == 0 or ends[-1] != n:
+        ends = np.append(ends, n)
+    starts = np.concatenate([[0], ends[:-1]])
+    term = data["terminals"].astype(bool)
+    obs = [data["observations"][s:e] for s, e in zip(starts, ends)]
+    act = [data["actions"][s:e] for s, e in zip(starts, ends)]
+    rew = [data["rewards"][s:e].reshape(-1) for s, e in zip(starts, ends)]
+    return _from_lists(obs, act, rew, [bool(term[e - 1]) for e in ends], env_name, f"d4rl:{path.name}", drop_nonfinite)
+
+
+def write_d4rl_hdf5(episodes: Episodes, path: str | Path) -> None:
+    """Writes Episodes in the D4RL HDF5 layout (used by tests and for interoperability)."""
+    import h5py
+
+    term = np.zeros(episodes.num_steps, dtype=bool)
+    tout = np.zeros(episodes.num_steps, dtype=bool)
+    last = episodes.offsets[1:] - 1
+    term[last[episodes.terminated]] = True
+    tout[last[~episodes.terminated]] = True
+    with h5py.File(path, "w") as f:
+        f["observations"], f["actions"], f["rewards"] = episodes.observations, episodes.actions, episodes.rewards
+        f["terminals"], f["timeouts"] = term, tout
+        if episodes.env:
+            f.attrs["env_name"] = episodes.env
+
+
+def save_minari(episodes: Episodes, dataset_id: str, final_observations: np.ndarray, description: str = "",
+                algorithm_name: str = "", spec: EnvSpec | None = None):
+    """Writes Episodes as a Minari dataset (in MINARI_DATASETS_PATH or ~/.minari) with D4RL reference scores.
+    `final_observations` [E, obs_dim] is the observation after each episode's last step (Minari stores T+1)."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    spec = spec or get_env(episodes.env)
+    buffers = []
+    for e in range(episodes.num_episodes):
+        s, t = episodes.offsets[e], episodes.offsets[e + 1]
+        T = t - s
+        term = np.zeros(T, dtype=bool)
+        trunc = np.zeros(T, dtype=bool)
+        (term if episodes.terminated[e] else trunc)[-1] = True
+        buffers.append(EpisodeBuffer(
+            id=e, observations=np.concatenate([episodes.observations[s:t], final_observations[e][None]]).astype(np.float64),
+            actions=episodes.actions[s:t], rewards=episodes.rewards[s:t].astype(np.float64),
+            terminations=term, truncations=trunc))
+    return minari.create_dataset_from_buffers(
+        dataset_id, buffers, env=spec.gym_id, algorithm_name=algorithm_name or None, author="iwsft",
+        ref_min_score=spec.ref_min, ref_max_score=spec.ref_max, description=description or None,
+        requirements=["gymnasium[mujoco]>=1.0"])
+
+
+def load_any(dataset: str, env: str | None = None, d4rl_file: str | None = None, drop_nonfinite: bool = False) -> Episodes:
+    """--d4rl-file wins; else `dataset` is an HDF5 file, a Minari directory or a Minari id."""
+    if d4rl_file:
+        return load_d4rl_hdf5(d4rl_file, env, drop_nonfinite)
+    if str(dataset).endswith((".hdf5", ".h5")):
+        return load_d4rl_hdf5(dataset, env, drop_nonfinite)
+    return load_minari(dataset, env, drop_nonfinite)
+
+
+def describe(episodes: Episodes) -> str:
+    return json.dumps(episodes.summary())
