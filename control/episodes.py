@@ -221,6 +221,8 @@ def save_minari(episodes: Episodes, dataset_id: str, final_observations: np.ndar
     import minari
     from minari.data_collector import EpisodeBuffer
 
+    import warnings
+
     spec = spec or get_env(episodes.env)
     buffers = []
     for e in range(episodes.num_episodes):
@@ -233,10 +235,12 @@ def save_minari(episodes: Episodes, dataset_id: str, final_observations: np.ndar
             id=e, observations=np.concatenate([episodes.observations[s:t], final_observations[e][None]]).astype(np.float64),
             actions=episodes.actions[s:t], rewards=episodes.rewards[s:t].astype(np.float64),
             terminations=term, truncations=trunc))
-    return minari.create_dataset_from_buffers(
-        dataset_id, buffers, env=spec.gym_id, algorithm_name=algorithm_name or None, author="iwsft",
-        ref_min_score=spec.ref_min, ref_max_score=spec.ref_max, description=description or None,
-        requirements=["gymnasium[mujoco]>=1.0"])
+    with warnings.catch_warnings():  # Minari nags about unset author e-mail / code link / eval env
+        warnings.simplefilter("ignore", UserWarning)
+        return minari.create_dataset_from_buffers(
+            dataset_id, buffers, env=spec.gym_id, algorithm_name=algorithm_name or None, author="iwsft",
+            ref_min_score=spec.ref_min, ref_max_score=spec.ref_max, description=description or None,
+            requirements=["gymnasium[mujoco]>=1.0"])
 
 
 def load_any(dataset: str, env: str | None = None, d4rl_file: str | None = None, drop_nonfinite: bool = False) -> Episodes:

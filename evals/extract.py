@@ -99,8 +99,10 @@ def last_boxed(text: str) -> str | None:
 
 def _clean_answer_line(line: str) -> str:
     line = line.strip()
-    # Markdown emphasis and surrounding math delimiters.
+    # Markdown emphasis, a final full stop and surrounding math delimiters.
     line = line.strip("*_ ").strip()
+    if line.endswith("."):
+        line = line[:-1].rstrip()
     if line.startswith("$$") and line.endswith("$$") and len(line) >= 4:
         line = line[2:-2]
     elif line.startswith("$") and line.endswith("$") and len(line) >= 2:

@@ -31,12 +31,13 @@ _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../iwsft
 
 
 def asset_dirs() -> Tuple[Path, Path]:
-    """``(recipes_dir, configs_dir)``: inside the installed wheel (``iwsft/_tune_files``) or the source checkout."""
-    shipped = _PACKAGE_DIR / "_tune_files"
-    if (shipped / "recipes" / RECIPE_FILE).is_file():
-        return shipped / "recipes", shipped / "configs"
+    """``(recipes_dir, configs_dir)``: the source checkout's top-level ``recipes/``+``configs/`` (editable
+    install), else the copies shipped inside the wheel (``iwsft/_tune_files``)."""
     root = _PACKAGE_DIR.parent
-    return root / "recipes", root / "configs"
+    if (root / "recipes" / RECIPE_FILE).is_file():
+        return root / "recipes", root / "configs"
+    shipped = _PACKAGE_DIR / "_tune_files"
+    return shipped / "recipes", shipped / "configs"
 
 
 def recipe_path() -> Path:

@@ -1,0 +1,131 @@
+"""Control benchmarks: trainer speed vs the naive padded formulation, and a full BC + iw-SFT run.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_control.py                 # speed (needs the medium-replay dataset)
+    OMP_NUM_THREADS=1 python benchmarks/bench_control.py --full-run      # also time BC (10k) + iw-SFT (2k) end to end
+
+Speed: one iw-SFT gradient step three ways on Hopper medium-replay, all from the same BC init and p_ref:
+  naive   the authors' layout: B whole episodes padded to the longest, policy/q/p_ref forwards on [B, T]
+  exact   our trainer with whole episodes (flat, no padding) and the log-ratio cache refreshed every step
+  fast    our trainer's default: sampled steps, per-episode log-ratios refreshed every N steps
+naive and exact are first checked to give the same loss on the same batch.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from control.data import build  # noqa: E402
+from control.episodes import load_minari  # noqa: E402
+from control.train import TrainConfig, Trainer  # noqa: E402
+
+
+def gaussian_logp(policy, obs, act):
+    mean, log_std = policy(obs)
+    return (-((act - mean) ** 2) * torch.exp(-2 * log_std) / 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def naive_step(policy, q, ref, opt, data, episodes, temperature=10.0, clip_max=1000.0, ema_decay=0.9):
+    """One step of the authors' padded formulation; returns the loss."""
+    lengths = [int(data.offsets[e + 1] - data.offsets[e]) for e in episodes]
+    B, T = len(episodes), max(lengths)
+    obs = torch.zeros(B, T, data.observations.shape[1])
+    act = torch.zeros(B, T, data.actions.shape[1])
+    mask = torch.zeros(B, T)
+    for i, e in enumerate(episodes):
+        s, t = data.offsets[e], data.offsets[e + 1]
+        obs[i, :t - s], act[i, :t - s], mask[i, :t - s] = torch.as_tensor(data.observations[s:t]), \
+            torch.as_tensor(data.actions[s:t]), 1
+    with torch.no_grad():
+        log_ratio = ((gaussian_logp(q, obs, act) - gaussian_logp(ref, obs, act)) * mask).sum(1) / mask.sum(1)
+        w = torch.clamp(torch.exp(temperature * log_ratio), 0, clip_max)
+    loss = -(w * (gaussian_logp(policy, obs, act) * mask).sum(1)).sum() / (w * mask.sum(1)).sum()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for pq, p in zip(q.parameters(), policy.parameters()):
+            pq.lerp_(p, 1 - ema_decay)
+    return loss.item()
+
+
+def timed(fn, n):
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--episodes", type=int, default=256, help="episodes per naive/exact batch (authors: 256)")
+    p.add_argument("--naive-steps", type=int, default=3)
+    p.add_argument("--exact-steps", type=int, default=3)
+    p.add_argument("--fast-steps", type=int, default=300)
+    p.add_argument("--full-run", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    data = load_minari(build("hopper", "medium-replay"))
+    bc = Trainer(TrainConfig.bc(steps=200), data)  # a briefly trained BC policy is enough for timing
+    for _ in range(200):
+        bc.train_step()
+    init, ref = bc.policy.state_dict(), copy.deepcopy(bc.policy).eval().requires_grad_(False)
+    res = {"dataset": data.summary(), "threads": 1, "episodes_per_batch": a.episodes}
+
+    # 1. same loss on the same batch of whole episodes (all episodes: iw-SFT(Q) over the percentile-selected set)
+    cfg_exact = TrainConfig(algo="iwsft_q", full_episodes=a.episodes, refresh_every=1, warmup_steps=0, cosine=False)
+    tr = Trainer(cfg_exact, data, init=copy.deepcopy(init), ref=ref)
+    for _ in range(3):  # move q away from p_ref so that the weights are not all 1
+        tr.train_step()
+    idx = tr.sample_batch()
+    starts = {int(o): e for e, o in enumerate(tr.data.offsets[:-1])}
+    eps = [starts[int(j)] for j in idx if int(j) in starts]
+    policy = copy.deepcopy(tr.policy)
+    q = copy.deepcopy(tr.ema.module)
+    naive_loss = naive_step(policy, q, ref, torch.optim.Adam(policy.parameters(), lr=0.0), tr.data, eps)
+    tr.refresh()
+    fast_loss = tr.train_step(idx)["loss"]
+    res["loss_naive"], res["loss_exact"] = naive_loss, fast_loss
+    res["loss_abs_diff"] = abs(naive_loss - fast_loss)
+
+    # 2. steps per second
+    policy = copy.deepcopy(tr.policy).train()
+    q = copy.deepcopy(tr.ema.module)
+    opt = torch.optim.Adam(policy.parameters(), lr=4e-5)
+    rng = np.random.default_rng(0)
+    probs = tr.episode_probs
+
+    def naive():
+        naive_step(policy, q, ref, opt, tr.data, rng.choice(len(probs), a.episodes, p=probs))
+
+    res["naive_steps_per_s"] = timed(naive, a.naive_steps)
+    res["exact_steps_per_s"] = timed(tr.train_step, a.exact_steps)
+    fast = Trainer(TrainConfig(algo="iwsft_q"), data, init=copy.deepcopy(init), ref=ref)
+    res["fast_steps_per_s"] = timed(fast.train_step, a.fast_steps)
+    res["fast_batch_steps"] = fast.cfg.batch_size
+    res["fast_refresh_every"] = fast.cfg.refresh_every
+    res["speedup_exact_vs_naive"] = res["exact_steps_per_s"] / res["naive_steps_per_s"]
+    res["speedup_fast_vs_naive"] = res["fast_steps_per_s"] / res["naive_steps_per_s"]
+
+    if a.full_run:
+        import tempfile
+
+        from control.experiments import ExperimentConfig, run_all
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.time()
+            run_all(ExperimentConfig(env="hopper", dataset="medium-replay", algos=("bc", "iwsft"), seeds=1, out=d))
+            res["full_run_bc_plus_iwsft_s"] = time.time() - t0
+    print(json.dumps(res, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,686 @@
+# iw-SFT recipe for torchtune 0.6.1 (arXiv 2507.12856). Run by path or through the registered name:
+#   tune run --nproc_per_node 8 iwsft_distributed --config qwen_32b
+#   tune run iwsft_distributed --config tiny_cpu checkpoint_dir=... dataset.data_files=... output_dir=...
+"""Importance-weighted SFT (iw-SFT) and plain SFT, full or LoRA, on 1..N processes (CUDA/NCCL or CPU/gloo).
+
+The loss is ``L = -Σ_b Σ_t sg(w_b) · log p_θ(y_bt) / (label tokens in the global batch)`` with the per-sequence
+importance weight ``w_b = clip(exp(temperature · mean_t(log q − log p_ref)), clip_min, clip_max)``. ``q`` is the
+current model (the detached log-probs of the *same* training forward), ``p_ref`` the starting model. All the
+weight/loss math lives in ``iwsft`` (``iwsft.token_log_probs``, ``iwsft.importance_weights``,
+``iwsft.weighted_nll``); this file only wires torchtune components around it.
+
+Features (config key → what it does):
+
+- ``method: iwsft | sft``: iw-SFT, or the plain SFT baseline on exactly the same code path (weights ≡ 1, no
+  reference log-probs are computed).
+- ``weighting.{level, temperature, clip_min, clip_max, normalize}`` → ``iwsft.WeightingConfig``; defaults are the
+  authors' LLM settings (``sequence``, 1.0, 0, 16, false). ``level: token`` uses per-token weights (the authors'
+  variant uses clip [0.2, 1.8]). ``normalize: true`` divides by the mean weight over the global micro-batch
+  (all ranks).
+- ``reference.strategy``: where ``log p_ref`` comes from.
+    * ``precomputed`` (default): before the first optimizer step one no-grad pass over the whole training set
+      with the starting weights; the per-token log-probs of all ranks are gathered into an
+      ``iwsft.ReferenceLogProbs`` cache written atomically to ``reference.cache_path`` (default
+      ``<output_dir>/reference_logprobs.pt``), keyed by ``iwsft.fingerprint`` of the dataset + tokenizer config
+      and the starting checkpoint files. A cache with the same key is reused (re-runs, resume); a different key
+      is recomputed. No second model in memory.
+    * ``model``: a frozen, sharded copy of the starting model computes ``log p_ref`` for every micro-batch.
+    * ``adapters_off``: LoRA only; the training model itself, with its adapters disabled
+      (``torchtune.modules.peft.disable_adapter``), under ``no_grad``.
+  ``reference.batch_size`` sets the micro-batch of the precompute pass (default ``batch_size``).
+- Full or LoRA fine-tuning: LoRA is used when the instantiated model has adapter parameters
+  (``get_adapter_params``): only adapters train; ``epoch_N/`` holds the merged HF weights (a plain HF model dir)
+  and ``epoch_N/adapter/`` the adapter (``adapter_model.safetensors`` + ``adapter_config.json`` in PEFT format,
+  ``adapter_model.pt`` for resuming).
+- ``device: cuda | cpu``: backend NCCL or gloo. On CPU no memory stats are read, no cache emptying is attempted,
+  and ``fsdp_cpu_offload`` / ``enable_async_checkpointing`` / ``enable_activation_offloading`` are refused.
+- FSDP2 (``training.shard_model``) when more than one process; ``fsdp_reshard_after_forward``,
+  ``custom_sharded_layers``, ``fsdp_cpu_offload`` (CUDA only).
+- ``enable_activation_checkpointing``: full AC per transformer layer.
+- Chunked output: ``loss.num_output_chunks`` (``iwsft.ChunkedWeightedNLL``) is always passed to
+  ``model.set_num_output_chunks`` (no class-name check); logits are only upcast to fp32 chunk by chunk.
+- Exact gradient accumulation and data parallelism: each micro-batch backpropagates its weighted *sum*; at the
+  optimizer step the label-token count is all-reduced and gradients are scaled by ``world_size / num_tokens``
+  (the world-size factor undoes FSDP2's gradient averaging), as torchtune does. ``gradient_accumulation_steps``,
+  ``clip_grad_norm``.
+- ``optimizer``, ``lr_scheduler`` (any torchtune/torch component); ``warmup_ratio`` (optional) overrides the
+  scheduler's ``num_warmup_steps`` with ``ceil(warmup_ratio × total optimizer steps)``.
+- Data: ``dataset`` (one dataset component whose samples carry ``sample_id``, e.g.
+  ``iwsft.tune.datasets.s1k_dataset``), ``collate_fn`` (default ``iwsft.tune.collate.padded_collate_iwsft``,
+  which keeps ``sample_id``/``quality``), ``batch_size``, ``shuffle``, ``DistributedSampler`` per rank.
+  ``packed`` datasets are refused (torchtune's PackedDataset drops ``sample_id``).
+- Logging every ``log_every_n_steps`` optimizer steps via ``metric_logger``: ``loss`` (the optimised, weighted
+  loss), ``nll`` (unweighted token NLL), ``lr``, ``tokens_per_second_per_gpu`` (label tokens), ``grad_norm`` (if
+  clipping), peak memory (CUDA, ``log_peak_memory_stats``) and ``iwsft.weight_stats`` (``weight_mean``,
+  ``weight_std``, ``weight_min``, ``weight_max``, ``weight_ess``, ``weight_clip_hi``, ``weight_clip_lo``,
+  ``log_ratio_mean``). Sequence-level stats are computed over the *global* batch (all-gathered from every rank);
+  token-level stats over rank 0's tokens. tqdm progress bar on rank 0.
+- Checkpoints: ``checkpointer`` (``FullModelHFCheckpointer``) writes ``<output_dir>/epoch_N/`` in HF format
+  (loadable by ``transformers``/vLLM) after every epoch; intermediate epochs also write
+  ``recipe_state/recipe_state.pt`` (optimizer, seed, epochs run, dataloader state).
+- ``resume_from_checkpoint: true``: continues from the last intermediate epoch in ``output_dir`` (weights or
+  adapter of that epoch, optimizer, lr schedule, sampler epoch, reference cache) so the loss curve continues.
+- ``compile``: ``torch.compile`` of the model's layers. ``seed``, ``max_steps_per_epoch``, ``epochs``, ``dtype``
+  (``bf16`` | ``fp32``).
+
+The configuration is validated (``validate_config``) before any process group or model is created, and every
+error says which key to change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import iwsft
+from torchtune import config, modules, training, utils
+from torchtune.config._utils import _get_component_from_path
+from torchtune.modules.peft import (
+    DoRALinear,
+    LoRALinear,
+    disable_adapter,
+    get_adapter_params,
+    get_adapter_state_dict,
+    get_lora_module_names,
+    get_merged_lora_ckpt,
+    set_trainable_params,
+)
+from torchtune.training.checkpointing._utils import FormattedCheckpointFiles
+from torchtune.training.lr_schedulers import get_lr
+
+log = utils.get_logger("INFO")
+
+METHODS = ("iwsft", "sft")
+STRATEGIES = ("precomputed", "model", "adapters_off")
+DEFAULT_COLLATE = "iwsft.tune.collate.padded_collate_iwsft"
+CACHE_NAME = "reference_logprobs.pt"
+ADAPTER_SUBDIR = "adapter"  # LoRA: epoch_N/adapter/{adapter_model.safetensors, adapter_config.json, adapter_model.pt}
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------------------------------
+# configuration
+
+
+def _is_lora_cfg(cfg_model) -> bool:
+    return cfg_model is not None and ("lora_attn_modules" in cfg_model or "lora_rank" in cfg_model)
+
+
+def weighting_config(cfg: DictConfig) -> "iwsft.WeightingConfig":
+    """``cfg.weighting`` → ``iwsft.WeightingConfig`` (missing keys take the authors' LLM defaults)."""
+    w = cfg.get("weighting", None) or {}
+    base = iwsft.WeightingConfig.llm()
+    return iwsft.WeightingConfig(
+        level=w.get("level", base.level),
+        temperature=float(w.get("temperature", base.temperature)),
+        clip_min=w.get("clip_min", base.clip_min),
+        clip_max=w.get("clip_max", base.clip_max),
+        normalize=bool(w.get("normalize", base.normalize)),
+    )
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check the config before anything expensive happens; raise ``ValueError`` listing every problem."""
+    errors: List[str] = []
+    for key in ("model", "tokenizer", "checkpointer", "dataset", "optimizer", "output_dir"):
+        if cfg.get(key, None) is None:
+            errors.append(f"missing required key `{key}`.")
+    method = cfg.get("method", "iwsft")
+    if method not in METHODS:
+        errors.append(f"method={method!r}: use one of {METHODS} (sft = same recipe with weights ≡ 1).")
+    ref = cfg.get("reference", None) or {}
+    strategy = ref.get("strategy", "precomputed")
+    if strategy not in STRATEGIES:
+        errors.append(f"reference.strategy={strategy!r}: use one of {STRATEGIES}.")
+    if strategy == "adapters_off" and not _is_lora_cfg(cfg.get("model", None)):
+        errors.append("reference.strategy=adapters_off needs a LoRA model (a `lora_*` model builder with "
+                      "lora_attn_modules); use reference.strategy=precomputed or model for full fine-tuning.")
+    if ref.get("batch_size", None) is not None and int(ref.get("batch_size")) < 1:
+        errors.append("reference.batch_size must be >= 1.")
+    try:
+        weighting_config(cfg)
+    except (ValueError, TypeError) as exc:
+        errors.append(str(exc))
+    q = (cfg.get("weighting", None) or {}).get("q", "current")
+    if q != "current":
+        errors.append(f"weighting.q={q!r}: only `current` (q = the current model, as in the paper) is implemented.")
+    device = str(cfg.get("device", "cuda"))
+    if device not in ("cuda", "cpu"):
+        errors.append(f"device={device!r}: use `cuda` or `cpu`.")
+    if device == "cpu":
+        for key in ("fsdp_cpu_offload", "enable_async_checkpointing", "enable_activation_offloading"):
+            if cfg.get(key, False):
+                errors.append(f"{key}=true does not work with device=cpu (gloo-only process group); set it to false.")
+        if str(cfg.get("dtype", "fp32")) == "bf16":
+            pass  # bf16 works on CPU, just slowly
+    if str(cfg.get("dtype", "bf16")) not in ("bf16", "fp32"):
+        errors.append(f"dtype={cfg.get('dtype')!r}: use bf16 or fp32 (fp16 is not supported).")
+    if cfg.get("enable_activation_offloading", False) and not cfg.get("enable_activation_checkpointing", False):
+        errors.append("enable_activation_offloading needs enable_activation_checkpointing=true.")
+    for key in ("batch_size", "gradient_accumulation_steps", "epochs"):
+        val = cfg.get(key, 1)
+        if not isinstance(val, int) or val < 1:
+            errors.append(f"{key}={val!r} must be an integer >= 1.")
+    msp = cfg.get("max_steps_per_epoch", None)
+    if msp is not None and (not isinstance(msp, int) or msp < 1):
+        errors.append(f"max_steps_per_epoch={msp!r} must be null or an integer >= 1.")
+    wr = cfg.get("warmup_ratio", None)
+    if wr is not None and not (0.0 <= float(wr) < 1.0):
+        errors.append(f"warmup_ratio={wr!r} must be in [0, 1).")
+    if cfg.get("optimizer_in_bwd", False):
+        errors.append("optimizer_in_bwd is not supported by iwsft_distributed; set optimizer_in_bwd=false.")
+    if int(cfg.get("tensor_parallel_dim", 1)) != 1:
+        errors.append("tensor parallelism is not supported by iwsft_distributed; set tensor_parallel_dim=1.")
+    ds = cfg.get("dataset", None)
+    if isinstance(ds, ListConfig):
+        errors.append("`dataset` is a list: give one dataset (sample ids must be unique across the training set); "
+                      "concatenate the files into one data_files list instead.")
+    elif ds is not None and ds.get("packed", False):
+        errors.append("dataset.packed=true is not supported: torchtune's PackedDataset drops `sample_id`, which "
+                      "iw-SFT needs; set dataset.packed=false.")
+    loss = cfg.get("loss", None)
+    if loss is not None and not str(loss.get("_component_", "")).endswith("ChunkedWeightedNLL"):
+        errors.append(f"loss._component_={loss.get('_component_')!r}: this recipe computes the loss with "
+                      "iwsft.ChunkedWeightedNLL (set loss._component_: iwsft.ChunkedWeightedNLL, num_output_chunks).")
+    ckpt = cfg.get("checkpointer", None)
+    if ckpt is not None and cfg.get("output_dir", None) is not None:
+        if ckpt.get("output_dir", cfg.output_dir) != cfg.output_dir:
+            errors.append("checkpointer.output_dir must equal output_dir (write `output_dir: ${output_dir}`).")
+    if errors:
+        raise ValueError("invalid iwsft_distributed config:\n  - " + "\n  - ".join(errors))
+
+
+def _ensure_process_env() -> None:
+    """`tune run` without --nproc_per_node runs the recipe in-process with no torchrun env: fake a 1-rank world."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# recipe
+
+
+class IWSFTRecipeDistributed:
+    """iw-SFT / SFT recipe (full or LoRA, FSDP2); see the module docstring for every feature and its key."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        validate_config(cfg)
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=self._device)
+        _ensure_process_env()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
+        self.world_size, self.rank = utils.get_world_size_and_rank()
+        self._is_rank_zero = self.rank == 0
+
+        self._method = cfg.get("method", "iwsft")
+        self._wcfg = weighting_config(cfg)
+        ref = cfg.get("reference", None) or {}
+        self._strategy = ref.get("strategy", "precomputed")
+        self._ref_batch_size = int(ref.get("batch_size", None) or cfg.batch_size)
+        self._cache_path = Path(ref.get("cache_path", None) or Path(cfg.output_dir) / CACHE_NAME)
+
+        self._output_dir = Path(cfg.output_dir)
+        self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
+        self._log_peak_memory_stats = bool(cfg.get("log_peak_memory_stats", False)) and self._device.type == "cuda"
+        self._resume = bool(cfg.get("resume_from_checkpoint", False))
+        self._grad_accum = cfg.gradient_accumulation_steps
+        self._clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self._batch_size = cfg.batch_size
+        self.seed = training.set_seed(seed=cfg.get("seed", None))
+        self.epochs_run = 0
+        self.total_epochs = cfg.epochs
+        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch", None)
+        self.global_step = 0
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def setup(self, cfg: DictConfig) -> None:
+        if self._is_rank_zero:
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            self._metric_logger.log_config(cfg)
+
+        ckpt_dict = self._load_checkpoint(cfg)
+        self._model = self._setup_model(cfg, ckpt_dict[training.MODEL_KEY], ckpt_dict.get(training.ADAPTER_KEY))
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+
+        self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
+        if self._resume:
+            training.load_from_full_optimizer_state_dict(self._model, self._optimizer, ckpt_dict[training.OPT_KEY],
+                                                         self._device)
+            self._restore_recipe_state(ckpt_dict)
+
+        self._loss_fn = config.instantiate(cfg.get("loss", None) or {"_component_": "iwsft.ChunkedWeightedNLL"})
+        self._ignore_index = getattr(self._loss_fn, "ignore_index", IGNORE_INDEX)
+        # Always chunk the output projection; torchtune only does it for a loss named CEWithChunkedOutputLoss.
+        self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+
+        self._dataset = config.instantiate(cfg.dataset, self._tokenizer)
+        self._collate = partial(_get_component_from_path(cfg.get("collate_fn", DEFAULT_COLLATE)),
+                                padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
+        self._sampler = DistributedSampler(self._dataset, num_replicas=self.world_size, rank=self.rank,
+                                           shuffle=cfg.get("shuffle", True), seed=0, drop_last=True)
+        self._dataloader = DataLoader(self._dataset, batch_size=self._batch_size, sampler=self._sampler,
+                                      collate_fn=self._collate, drop_last=True)
+
+        self._steps_per_epoch = len(self._dataloader) // self._grad_accum
+        if self._steps_per_epoch < 1:
+            raise ValueError(f"{len(self._dataset)} samples give no optimizer step with batch_size={self._batch_size} "
+                             f"× {self.world_size} processes × gradient_accumulation_steps={self._grad_accum}: "
+                             "lower batch_size or gradient_accumulation_steps.")
+        if self.max_steps_per_epoch is not None:
+            self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
+        self.global_step = self.epochs_run * self._steps_per_epoch
+        self._lr_scheduler = self._setup_lr_scheduler(cfg)
+
+        # Reference log-probs (iw-SFT only).
+        self._ref_model = None
+        self._ref_cache = None
+        if self._method == "iwsft":
+            if self._strategy == "precomputed":
+                self._ref_cache = self._setup_reference_cache(cfg)
+            elif self._strategy == "model":
+                self._ref_model = self._setup_reference_model(cfg, ckpt_dict[training.MODEL_KEY])
+            elif not self._is_lora:
+                raise ValueError("reference.strategy=adapters_off: the model has no LoRA adapters.")
+        del ckpt_dict
+        dist.barrier()
+
+    def _resume_epoch_dir(self) -> Path:
+        state_path = self._output_dir / "recipe_state" / "recipe_state.pt"
+        if not state_path.is_file():
+            raise FileNotFoundError(f"resume_from_checkpoint=true but {state_path} does not exist: no intermediate "
+                                    "epoch was saved in output_dir (set resume_from_checkpoint=false).")
+        state = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)
+        epoch_dir = self._output_dir / f"epoch_{int(state[training.EPOCHS_KEY]) - 1}"
+        if not epoch_dir.is_dir():
+            raise FileNotFoundError(f"{state_path} says {state[training.EPOCHS_KEY]} epochs ran but {epoch_dir} "
+                                    "is missing.")
+        return epoch_dir
+
+    def _load_checkpoint(self, cfg: DictConfig) -> Dict[str, Any]:
+        overrides: Dict[str, Any] = {"should_load_recipe_state": self._resume}
+        if self._resume:
+            epoch_dir = self._resume_epoch_dir()
+            if _is_lora_cfg(cfg.model):
+                overrides["adapter_checkpoint"] = str(Path(epoch_dir.name) / ADAPTER_SUBDIR / "adapter_model.pt")
+            else:  # full FT: the weights of that epoch, relative to output_dir
+                files = sorted(p.name for p in epoch_dir.glob("model-*.safetensors")) or \
+                    sorted(p.name for p in epoch_dir.glob("model-*.bin"))
+                overrides["checkpoint_files"] = [str(Path(epoch_dir.name) / f) for f in files]
+            utils.log_rank_zero(log, f"Resuming from {epoch_dir}")
+        self._checkpointer = config.instantiate(cfg.checkpointer, **overrides)
+        return self._checkpointer.load_checkpoint()
+
+    def _restore_recipe_state(self, ckpt: Dict[str, Any]) -> None:
+        try:
+            self.epochs_run = int(ckpt[training.EPOCHS_KEY])
+            if self.seed != ckpt[training.SEED_KEY]:
+                utils.log_rank_zero(log, f"seed {self.seed} differs from the checkpoint's; using "
+                                         f"{ckpt[training.SEED_KEY]}")
+                self.seed = ckpt[training.SEED_KEY]
+            if self.max_steps_per_epoch != ckpt[training.MAX_STEPS_KEY]:
+                utils.log_rank_zero(log, "max_steps_per_epoch differs from the checkpoint's; using the checkpoint's")
+                self.max_steps_per_epoch = ckpt[training.MAX_STEPS_KEY]
+        except KeyError as exc:
+            raise KeyError(f"recipe_state.pt lacks {exc}; was it written by iwsft_distributed?") from exc
+
+    def _build_model(self, cfg: DictConfig, state_dict: Dict[str, Any], adapter_sd: Optional[Dict[str, Any]],
+                     trainable: bool) -> torch.nn.Module:
+        """Instantiate on meta, wrap (AC, FSDP2), then materialise from full state dicts (every rank mmaps)."""
+        with training.set_default_dtype(self._dtype), torch.device("meta"):
+            model = config.instantiate(cfg.model)
+        is_lora = len(get_adapter_params(model)) > 0
+        if not trainable:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        elif is_lora:
+            set_trainable_params(model, get_adapter_params(model))
+        if trainable and cfg.get("compile", False):
+            training.compile_model(model, verbose=self._is_rank_zero)
+        if trainable and cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        offload = bool(cfg.get("fsdp_cpu_offload", False))
+        if self.world_size > 1:
+            training.shard_model(
+                model=model,
+                shard_conditions=[partial(training.get_shard_conditions,
+                                          names_to_match=cfg.get("custom_sharded_layers", None))],
+                cpu_offload=offload,
+                reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
+            )
+        with training.set_default_dtype(self._dtype), self._device:
+            for m in model.modules():
+                if isinstance(m, (LoRALinear, DoRALinear)) and not adapter_sd:
+                    m.to_empty(device="cpu" if offload else self._device)
+                    m.initialize_parameters()  # lora_b = 0: the starting model equals the base model
+                if hasattr(m, "rope_init"):
+                    m.rope_init()
+        if adapter_sd:
+            training.load_from_full_model_state_dict(model, adapter_sd, self._device, strict=False,
+                                                     cpu_offload=offload)
+        missing, unexpected = training.load_from_full_model_state_dict(
+            model, state_dict, self._device, strict=not is_lora, cpu_offload=offload)
+        if is_lora:
+            bad = [k for k in (missing or []) if "lora_" not in k and "magnitude" not in k] + list(unexpected or [])
+            if bad:
+                raise RuntimeError(f"base checkpoint does not match the LoRA model: {bad[:5]}")
+            for m in model.modules():
+                if hasattr(m, "initialize_dora_magnitude"):
+                    m.initialize_dora_magnitude()
+        training.validate_no_params_on_meta_device(model)
+        return model
+
+    def _setup_model(self, cfg, state_dict, adapter_sd) -> torch.nn.Module:
+        start = time.perf_counter()
+        model = self._build_model(cfg, state_dict, adapter_sd, trainable=True)
+        self._is_lora = len(get_adapter_params(model)) > 0
+        if self._is_lora:
+            self._lora_cfg = dict(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
+                                  modules=list(cfg.model.lora_attn_modules),
+                                  mlp=bool(cfg.model.get("apply_lora_to_mlp", False)),
+                                  output=bool(cfg.model.get("apply_lora_to_output", False)))
+        self._act_ctx = training.get_act_offloading_ctx_manager(model, cfg.get("enable_activation_offloading", False))
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        utils.log_rank_zero(log, f"Model ready in {time.perf_counter() - start:.1f}s ({'LoRA' if self._is_lora else 'full'}"
+                                 f" fine-tuning, {self.world_size} process(es), {n_train} trainable parameters on rank 0)")
+        if self._is_rank_zero and self._device.type == "cuda":
+            training.log_memory_stats(training.get_memory_stats(device=self._device))
+        return model
+
+    def _setup_reference_model(self, cfg: DictConfig, state_dict) -> torch.nn.Module:
+        """Frozen, sharded copy of the *starting* model (the base checkpoint, even when resuming)."""
+        if self._resume and not self._is_lora:  # the loaded weights are the resumed ones: reload the starting ones
+            state_dict = config.instantiate(cfg.checkpointer, should_load_recipe_state=False).load_checkpoint()[
+                training.MODEL_KEY]
+        model = self._build_model(cfg, state_dict, None, trainable=False)
+        # Loading may hand both models the very same storage (no sharding: the mmapped tensors are assigned);
+        # the reference must not move with the trained weights, so give it its own copy of any shared tensor.
+        trained = {_local(p).untyped_storage().data_ptr() for p in self._model.parameters()}
+        with torch.no_grad():
+            for p in model.parameters():
+                loc = _local(p)
+                if loc.untyped_storage().data_ptr() in trained:
+                    loc.data = loc.data.clone()
+        model.eval()
+        model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        utils.log_rank_zero(log, "Frozen reference model ready (reference.strategy=model).")
+        return model
+
+    def _setup_lr_scheduler(self, cfg: DictConfig):
+        cfg_s = cfg.get("lr_scheduler", None)
+        if cfg_s is None:
+            return None
+        total = self.total_epochs * self._steps_per_epoch
+        kwargs = dict(num_training_steps=total, last_epoch=self.global_step - 1)
+        if cfg.get("warmup_ratio", None) is not None:
+            kwargs["num_warmup_steps"] = math.ceil(float(cfg.warmup_ratio) * total)
+        return config.instantiate(cfg_s, self._optimizer, **kwargs)
+
+    # ------------------------------------------------------------------------------- reference log-probs
+    def _cache_key(self, cfg: DictConfig) -> Dict[str, Any]:
+        ck = cfg.checkpointer
+        files = ck.checkpoint_files
+        files = OmegaConf.to_container(files, resolve=True) if not isinstance(files, str) else [files]
+        if isinstance(files, dict):  # {filename_format, max_filename}
+            files = FormattedCheckpointFiles.from_dict(files).build_checkpoint_filenames()
+        ckpt_dir = Path(ck.checkpoint_dir).resolve()
+        stats = []
+        for f in files:
+            p = ckpt_dir / f
+            stats.append([str(f), p.stat().st_size if p.exists() else None])
+        parts = {
+            "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+            "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
+            "checkpoint_dir": str(ckpt_dir),
+            "checkpoint_files": stats,
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            # the tokenized samples themselves, when the dataset can hash them (iwsft.tune.datasets can)
+            "samples": self._dataset.fingerprint() if hasattr(self._dataset, "fingerprint") else None,
+        }
+        return {"fingerprint": iwsft.fingerprint(parts), "checkpoint_dir": str(ckpt_dir)}
+
+    def _setup_reference_cache(self, cfg: DictConfig):
+        key = self._cache_key(cfg)
+        if self._cache_path.is_file():
+            try:
+                cache = iwsft.ReferenceLogProbs.load(self._cache_path, key=key)
+                if len(cache) >= len(self._dataset):
+                    utils.log_rank_zero(log, f"Reusing reference cache {self._cache_path} ({len(cache)} samples).")
+                    return cache
+                utils.log_rank_zero(log, f"Reference cache {self._cache_path} is incomplete: recomputing.")
+            except ValueError as exc:
+                utils.log_rank_zero(log, f"Reference cache {self._cache_path} is stale ({exc}): recomputing.")
+        if self._resume and not self._is_lora:
+            raise RuntimeError(f"resume_from_checkpoint=true with reference.strategy=precomputed needs the cache "
+                               f"{self._cache_path} computed by the original run (the resumed weights are no longer "
+                               "the starting model). Restore that file or use reference.strategy=model.")
+        return self._precompute_reference(key)
+
+    @torch.no_grad()
+    def _precompute_reference(self, key: Dict[str, Any]):
+        """One no-grad pass over the full training set with the starting weights, gathered across ranks."""
+        start = time.perf_counter()
+        sampler = DistributedSampler(self._dataset, num_replicas=self.world_size, rank=self.rank, shuffle=False,
+                                     drop_last=False)  # pads with repeats: every rank runs the same number of steps
+        loader = DataLoader(self._dataset, batch_size=self._ref_batch_size, sampler=sampler,
+                            collate_fn=self._collate)
+        local = iwsft.ReferenceLogProbs(key=key)
+        ctx = disable_adapter(self._model) if self._is_lora else contextlib.nullcontext()
+        with ctx:
+            for batch in tqdm(loader, desc="reference log-probs", disable=not self._is_rank_zero):
+                utils.batch_to_device(batch, self._device)
+                ids = self._sample_ids(batch)
+                labels, mask = self._shift(batch["labels"])
+                logp = self._loss_fn.token_log_probs(self._model(batch["tokens"]), labels)
+                local.add(ids.cpu(), logp.cpu(), mask.cpu())
+        shards = [None] * self.world_size
+        dist.all_gather_object(shards, local)
+        cache = shards[0].merge(shards[1:])
+        if self._is_rank_zero:
+            cache.save(self._cache_path)
+        dist.barrier()
+        utils.log_rank_zero(log, f"Reference log-probs of {len(cache)} samples computed in "
+                                 f"{time.perf_counter() - start:.1f}s and saved to {self._cache_path}")
+        return cache
+
+    def _reference_logp(self, tokens, labels, mask, ids) -> torch.Tensor:
+        if self._ref_cache is not None:
+            return self._ref_cache.gather(ids.cpu(), mask.cpu()).to(self._device)
+        with torch.no_grad():
+            if self._ref_model is not None:
+                return self._loss_fn.token_log_probs(self._ref_model(tokens), labels)
+            with disable_adapter(self._model):
+                return self._loss_fn.token_log_probs(self._model(tokens), labels)
+
+    # --------------------------------------------------------------------------------------------- train
+    def _shift(self, labels: torch.Tensor):
+        """Labels aligned with the logits (next token), by appending an ignore column as torchtune does."""
+        labels = torch.hstack((labels[..., 1:], labels.new_full((labels.shape[0], 1), self._ignore_index)))
+        return labels, labels != self._ignore_index
+
+    @staticmethod
+    def _sample_ids(batch) -> torch.Tensor:
+        if "sample_id" not in batch:
+            raise KeyError("the batch has no `sample_id`: use a dataset from iwsft.tune.datasets and "
+                           f"collate_fn: {DEFAULT_COLLATE} (method=iwsft with reference.strategy=precomputed).")
+        return batch["sample_id"]
+
+    def train(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        running_loss = torch.zeros((), device=self._device)
+        running_nll = torch.zeros((), device=self._device)
+        num_tokens = torch.zeros((), dtype=torch.long, device=self._device)
+        step_weights: List[torch.Tensor] = []
+        step_logratio: List[torch.Tensor] = []
+        iw = self._method == "iwsft"
+
+        for epoch in range(self.epochs_run, self.total_epochs):
+            self._sampler.set_epoch(epoch)
+            pbar = tqdm(total=self._steps_per_epoch, disable=not self._is_rank_zero)
+            for idx, batch in enumerate(self._dataloader):
+                if idx // self._grad_accum >= self._steps_per_epoch:
+                    break
+                utils.batch_to_device(batch, self._device)
+                tokens = batch["tokens"]
+                labels, mask = self._shift(batch["labels"])
+                with self._act_ctx:
+                    logits = self._model(tokens)
+                token_logp = self._loss_fn.token_log_probs(logits, labels)
+                del logits
+                seq_w = tok_w = None
+                if iw:
+                    ids = self._sample_ids(batch) if self._ref_cache is not None else batch.get("sample_id")
+                    logp_ref = self._reference_logp(tokens, labels, mask, ids)
+                    w, log_ratio = iwsft.importance_weights(token_logp.detach(), logp_ref, self._wcfg, mask=mask)
+                    if self._wcfg.level == "sequence":
+                        seq_w = w
+                        step_weights.append(w.detach())
+                    else:
+                        tok_w = w
+                        step_weights.append(w.detach()[mask])
+                    step_logratio.append(log_ratio.detach())
+                loss_sum, n_tok = self._loss_fn(token_logp, mask, seq_weights=seq_w, token_weights=tok_w)
+                running_loss += loss_sum.detach()
+                running_nll += -(token_logp.detach() * mask).sum()
+                num_tokens += n_tok
+                loss_sum.backward()
+
+                if (idx + 1) % self._grad_accum != 0:
+                    continue
+                # ---- optimizer step: exact normalisation by the global label-token count
+                dist.all_reduce(num_tokens)
+                dist.all_reduce(running_loss)
+                dist.all_reduce(running_nll)
+                training.scale_grads(self._model, self.world_size / num_tokens)
+                grad_norm = None
+                if self._clip_grad_norm is not None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(),
+                                                               max_norm=float(self._clip_grad_norm))
+                    if isinstance(grad_norm, DTensor):
+                        grad_norm = grad_norm.full_tensor()
+                self._optimizer.step()
+                self._optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                lr = get_lr(self._optimizer)
+                if self._lr_scheduler is not None:
+                    self._lr_scheduler.step()
+
+                loss_val = (running_loss / num_tokens).item()
+                stats = self._weight_stats(step_weights, step_logratio) if iw else {}
+                pbar.update(1)
+                pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {loss_val:.4f}")
+                if self.global_step % self._log_every_n_steps == 0:
+                    dt = time.perf_counter() - t0
+                    metrics = {"loss": loss_val, "nll": (running_nll / num_tokens).item(), "lr": lr,
+                               "tokens_per_second_per_gpu": num_tokens.item() / (dt * self.world_size),
+                               "epoch": epoch}
+                    if grad_norm is not None:
+                        metrics["grad_norm"] = float(grad_norm)
+                    metrics.update(stats)
+                    if self._log_peak_memory_stats:
+                        metrics.update(training.get_memory_stats(device=self._device))
+                    if self._is_rank_zero:
+                        self._metric_logger.log_dict(metrics, step=self.global_step)
+                running_loss.zero_()
+                running_nll.zero_()
+                num_tokens.zero_()
+                step_weights, step_logratio = [], []
+                t0 = time.perf_counter()
+            pbar.close()
+            self.epochs_run += 1
+            self.save_checkpoint(epoch)
+
+    def _weight_stats(self, weights: List[torch.Tensor], log_ratio: List[torch.Tensor]) -> Dict[str, float]:
+        w, lr = torch.cat(weights).float(), torch.cat(log_ratio).float()
+        if self._wcfg.level == "sequence" and self.world_size > 1:  # same length on every rank (drop_last)
+            w, lr = _all_gather_cat(w), _all_gather_cat(lr)
+        return iwsft.weight_stats(w, clip_min=self._wcfg.clip_min, clip_max=self._wcfg.clip_max, log_ratio=lr)
+
+    # ------------------------------------------------------------------------------------- checkpointing
+    def save_checkpoint(self, epoch: int) -> None:
+        intermediate = epoch + 1 < self.total_epochs
+        start = time.perf_counter()
+        sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+        if self._device.type == "cpu":  # `.cpu()` of an unsharded CPU tensor is the live parameter itself, and
+            sd = {k: v.clone() for k, v in sd.items()}  # merging LoRA below works in place: never touch the model
+        opt_sd = (training.get_full_optimizer_state_dict(self._model, self._optimizer, self._is_rank_zero,
+                                                         device=self._device) if intermediate else None)
+        if self._is_rank_zero:
+            ckpt: Dict[str, Any] = {}
+            if self._is_lora:
+                lc = self._lora_cfg
+                ckpt[training.ADAPTER_KEY] = get_adapter_state_dict(sd)
+                ckpt[training.MODEL_KEY] = get_merged_lora_ckpt(sd, rank=lc["rank"], alpha=lc["alpha"])
+                ckpt[training.ADAPTER_CONFIG] = {
+                    "r": lc["rank"], "lora_alpha": lc["alpha"], "peft_type": "LORA",
+                    "target_modules": get_lora_module_names(lc["modules"], lc["mlp"], lc["output"]),
+                }
+            else:
+                ckpt[training.MODEL_KEY] = sd
+            if intermediate:
+                ckpt.update({training.OPT_KEY: opt_sd, training.SEED_KEY: self.seed,
+                             training.EPOCHS_KEY: self.epochs_run, training.TOTAL_EPOCHS_KEY: self.total_epochs,
+                             training.MAX_STEPS_KEY: self.max_steps_per_epoch})
+            self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=intermediate)
+            if self._is_lora:  # keep epoch_N/ a plain HF model dir: transformers/vLLM would otherwise see
+                self._move_adapter_files(epoch)  # adapter_config.json and try to load it as a PEFT adapter
+            log.info(f"Checkpoint for epoch {epoch} saved in {time.perf_counter() - start:.1f}s")
+        dist.barrier()
+
+    def _move_adapter_files(self, epoch: int) -> None:
+        epoch_dir = self._output_dir / f"epoch_{epoch}"
+        (epoch_dir / ADAPTER_SUBDIR).mkdir(exist_ok=True)
+        for f in epoch_dir.glob("adapter_*"):
+            if f.is_file():
+                os.replace(f, epoch_dir / ADAPTER_SUBDIR / f.name)
+
+    def cleanup(self) -> None:
+        if self._is_rank_zero:
+            self._metric_logger.close()
+        dist.destroy_process_group()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor object that owns a parameter's local storage (the shard for an FSDP2 DTensor)."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="IWSFTRecipeDistributed", cfg=cfg)
+    recipe = IWSFTRecipeDistributed(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -1,0 +1,139 @@
+"""Episode representation, Minari round trip, D4RL HDF5 files, normalised scores and bad inputs."""
+import h5py
+import numpy as np
+import pytest
+
+from control.envs import get_env, normalized_score
+from control.episodes import Episodes, load_d4rl_hdf5, load_minari, save_minari, write_d4rl_hdf5
+from control.train import TrainConfig, Trainer
+
+
+def hopper_like(seed=0, n=6):
+    """Tiny Hopper-shaped episodes (11-dim observations, 3-dim actions), not from the simulator."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 9, size=n)
+    N = int(lengths.sum())
+    return Episodes(rng.normal(size=(N, 11)), rng.uniform(-1, 1, size=(N, 3)), rng.normal(size=N),
+                    np.concatenate([[0], np.cumsum(lengths)]), np.arange(n) % 2 == 0, env="hopper", source="test")
+
+
+def test_episode_arrays_and_returns():
+    e = hopper_like()
+    assert e.num_episodes == 6 and e.num_steps == e.lengths.sum()
+    manual = [e.rewards[e.offsets[i]:e.offsets[i + 1]].astype(np.float64).sum() for i in range(6)]
+    np.testing.assert_allclose(e.returns, manual, rtol=1e-6)
+    np.testing.assert_array_equal(np.bincount(e.episode_ids), e.lengths)
+    sub = e.select([4, 1])
+    np.testing.assert_array_equal(sub.observations, np.concatenate([e.observations[e.offsets[4]:e.offsets[5]],
+                                                                    e.observations[e.offsets[1]:e.offsets[2]]]))
+    np.testing.assert_array_equal(sub.terminated, e.terminated[[4, 1]])
+
+
+def test_minari_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    e = hopper_like(1)
+    final = np.random.default_rng(0).normal(size=(e.num_episodes, 11))
+    ds = save_minari(e, "iwsft-test/hopper/tiny-v0", final, description="test")
+    assert ds.total_episodes == e.num_episodes and ds.total_steps == e.num_steps
+    assert ds.storage.metadata["ref_min_score"] == pytest.approx(-20.272305)
+    assert ds.storage.metadata["ref_max_score"] == pytest.approx(3234.3)
+    for loaded in (load_minari("iwsft-test/hopper/tiny-v0"),  # by id
+                   load_minari(tmp_path / "minari" / "iwsft-test" / "hopper" / "tiny-v0")):  # by directory
+        assert loaded.env == "hopper"
+        np.testing.assert_array_equal(loaded.offsets, e.offsets)
+        np.testing.assert_allclose(loaded.observations, e.observations, rtol=1e-6)
+        np.testing.assert_allclose(loaded.actions, e.actions, rtol=1e-6)
+        np.testing.assert_allclose(loaded.rewards, e.rewards, rtol=1e-6)
+        np.testing.assert_array_equal(loaded.terminated, e.terminated)
+    # Minari's own normalisation agrees with ours (it uses [0, 1], we use [0, 100])
+    import minari
+    np.testing.assert_allclose(100 * minari.get_normalized_score(ds, np.array([0.0, 1000.0])),
+                               normalized_score("hopper", np.array([0.0, 1000.0])), rtol=1e-6)
+
+
+def test_d4rl_hdf5_written_and_loaded(tmp_path):
+    e = hopper_like(2)
+    path = tmp_path / "hopper_tiny-v2.hdf5"
+    write_d4rl_hdf5(e, path)
+    with h5py.File(path, "r") as f:  # the D4RL layout, checked by hand
+        assert set(f.keys()) == {"observations", "actions", "rewards", "terminals", "timeouts"}
+        ends = np.flatnonzero(f["terminals"][()] | f["timeouts"][()]) + 1
+    np.testing.assert_array_equal(ends, e.offsets[1:])
+    loaded = load_d4rl_hdf5(path)
+    assert loaded.env == "hopper"
+    np.testing.assert_array_equal(loaded.offsets, e.offsets)
+    np.testing.assert_array_equal(loaded.terminated, e.terminated)
+    np.testing.assert_allclose(loaded.returns, e.returns, rtol=1e-6)
+
+
+def test_d4rl_trailing_partial_episode_and_env_from_name(tmp_path):
+    path = tmp_path / "walker2d_x.hdf5"
+    with h5py.File(path, "w") as f:  # 7 steps: an episode ending by timeout at step 3, then 4 unfinished steps
+        f["observations"], f["actions"] = np.zeros((7, 17)), np.zeros((7, 6))
+        f["rewards"] = np.arange(7.0)
+        f["terminals"] = np.zeros(7, bool)
+        f["timeouts"] = np.array([0, 0, 1, 0, 0, 0, 0], bool)
+    e = load_d4rl_hdf5(path)
+    assert e.env == "walker2d"
+    np.testing.assert_array_equal(e.offsets, [0, 3, 7])
+    np.testing.assert_allclose(e.returns, [3.0, 18.0])
+
+
+def test_normalized_score_arithmetic():
+    assert normalized_score("hopper", -20.272305) == pytest.approx(0.0, abs=1e-9)
+    assert normalized_score("hopper", 3234.3) == pytest.approx(100.0)
+    assert normalized_score("hopper", (3234.3 - 20.272305) / 2) == pytest.approx(50.0)
+    assert normalized_score("halfcheetah", 12135.0) == pytest.approx(100.0)
+    assert normalized_score("walker2d", 1.629008 + 0.25 * (4592.3 - 1.629008)) == pytest.approx(25.0)
+    np.testing.assert_allclose(normalized_score("Hopper-v5", np.array([-20.272305, 1607.0139475])), [0.0, 50.0])
+
+
+# ---- bad inputs
+def test_unknown_env_id():
+    with pytest.raises(ValueError, match="unknown environment 'pong'.*hopper"):
+        get_env("pong")
+
+
+def test_d4rl_without_timeouts(tmp_path):
+    path = tmp_path / "hopper_old-v0.hdf5"
+    with h5py.File(path, "w") as f:
+        f["observations"], f["actions"] = np.zeros((4, 11)), np.zeros((4, 3))
+        f["rewards"], f["terminals"] = np.zeros(4), np.zeros(4, bool)
+    with pytest.raises(ValueError, match="no 'timeouts' field.*-v2"):
+        load_d4rl_hdf5(path)
+
+
+def test_nan_in_observations(tmp_path):
+    e = hopper_like(3)
+    obs = e.observations.copy()
+    obs[e.offsets[2] + 1, 4] = np.nan
+    with pytest.raises(ValueError, match=r"field 'observations' has NaN.*episode 2, step 1.*drop_nonfinite"):
+        Episodes(obs, e.actions, e.rewards, e.offsets, e.terminated, "hopper")
+    # the suggested fix works: the loader drops the bad episode
+    path = tmp_path / "hopper_nan.hdf5"
+    write_d4rl_hdf5(e, path)
+    with h5py.File(path, "r+") as f:
+        f["observations"][e.offsets[2] + 1, 4] = np.nan
+    with pytest.raises(ValueError, match="'observations' has NaN"):
+        load_d4rl_hdf5(path)
+    kept = load_d4rl_hdf5(path, drop_nonfinite=True)
+    assert kept.num_episodes == e.num_episodes - 1
+
+
+def test_empty_filter_result():
+    e = hopper_like(4)
+    with pytest.raises(ValueError, match="selects none"):
+        Trainer(TrainConfig(algo="filtered_bc", filter_fraction=0.05), e)
+    with pytest.raises(ValueError, match="selection is empty"):
+        e.select(np.zeros(e.num_episodes, bool))
+
+
+def test_unknown_minari_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="minari download mujoco/hopper/nope-v0"):
+        load_minari("mujoco/hopper/nope-v0")
+
+
+def test_unknown_algo():
+    with pytest.raises(ValueError, match="unknown algo 'ppo'"):
+        TrainConfig(algo="ppo")

@@ -1,0 +1,94 @@
+"""Every algorithm through the real experiments script with tiny budgets (built dataset, Minari, D4RL file)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--bc-steps", "30", "--steps", "20", "--batch-size", "64", "--eval-every", "10", "--eval-episodes", "1",
+        "--final-eval-episodes", "2", "--seeds", "1", "--refresh-every", "5"]
+
+
+def run(args, tmp_path):
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "control.experiments", *args, "--out", str(tmp_path / "out")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def test_all_algorithms_on_a_built_dataset(tmp_path):
+    algos = "bc,filtered_bc,sft_q,iwsft,iwsft_q"
+    out = run(["--env", "hopper", "--dataset", "medium-replay", "--dataset-steps", "3000", "--algos", algos, *TINY],
+              tmp_path)
+    root = tmp_path / "out" / "iwsft_hopper_medium-replay-3k-v0"
+    table = (root / "table.md").read_text()
+    for algo in algos.split(","):
+        res = json.loads((root / algo / "seed0" / "result.json").read_text())
+        assert res["config"]["algo"] == algo and np.isfinite(res["final"]["score_mean"])
+        assert res["final"]["episodes"] == 2
+        assert (root / algo / "seed0" / "curve.csv").exists()
+        assert f"| {algo} | 1 |" in table
+        if algo.startswith("iwsft"):
+            assert len(res["episode_weights"]) == res["train_episodes"]
+            assert res["curve"][-1]["weight_ess"] > 0
+    assert "last-score" in table and "2 evaluation episodes" in table
+    assert (root / "curves.png").stat().st_size > 0 and (root / "weights.png").stat().st_size > 0
+    assert "| algorithm |" in out
+    # resumable: a second run trains nothing
+    mtime = (root / "iwsft" / "seed0" / "result.json").stat().st_mtime
+    out2 = run(["--env", "hopper", "--dataset", "medium-replay", "--dataset-steps", "3000", "--algos", algos, *TINY],
+               tmp_path)
+    assert "seed0: score" not in out2
+    assert (root / "iwsft" / "seed0" / "result.json").stat().st_mtime == mtime
+
+
+def _random_hopper_episodes(n=12, seed=0):
+    import gymnasium as gym
+
+    from control.episodes import Episodes
+    env = gym.make("Hopper-v5")
+    rng = np.random.default_rng(seed)
+    obs, act, rew, offs, term, final = [], [], [], [0], [], []
+    for k in range(n):
+        o, _ = env.reset(seed=k)
+        while True:
+            a = rng.uniform(-1, 1, 3).astype(np.float32)
+            o2, r, te, tr, _ = env.step(a)
+            obs.append(o), act.append(a), rew.append(r)
+            o = o2
+            if te or tr or len(rew) - offs[-1] >= 40:
+                break
+        offs.append(len(rew)), term.append(bool(te)), final.append(o)
+    return Episodes(np.array(obs), np.array(act), np.array(rew), np.array(offs), np.array(term), "hopper"), np.array(final)
+
+
+def test_d4rl_file_through_the_script(tmp_path):
+    from control.episodes import write_d4rl_hdf5
+    eps, _ = _random_hopper_episodes()
+    path = tmp_path / "hopper_random-v2.hdf5"
+    write_d4rl_hdf5(eps, path)
+    run(["--d4rl-file", str(path), "--algos", "bc,iwsft", *TINY], tmp_path)
+    res = json.loads((tmp_path / "out" / "hopper_random-v2" / "iwsft" / "seed0" / "result.json").read_text())
+    assert res["dataset"]["episodes"] == 12 and res["train_episodes"] == 1  # top 10% of 12 episodes
+
+
+@pytest.mark.slow
+def test_minari_id_through_the_script(tmp_path, monkeypatch):
+    from control.episodes import save_minari
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    eps, final = _random_hopper_episodes(20, seed=1)
+    save_minari(eps, "test/hopper/random-v0", final)
+    run(["--dataset", "test/hopper/random-v0", "--algos", "bc,filtered_bc,sft_q", *TINY], tmp_path)
+    assert (tmp_path / "out" / "test_hopper_random-v0" / "table.md").exists()
+
+
+@pytest.mark.slow
+def test_quick_demo_cli_parses():
+    p = subprocess.run([sys.executable, "-m", "control.experiments", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and "--quick" in p.stdout
