@@ -5,7 +5,8 @@ Modules, in the order data flows through them:
   episodes    the episode representation (flat arrays + offsets) and loaders (Minari, D4RL HDF5)
   agent       the stable-baselines3 behaviour agent and its small policy snapshots (control/assets/)
   data        builds medium / medium-replay / medium-expert Minari datasets offline
-  policy      the authors' Gaussian MLP policy and a fast numpy evaluator
+  policy      the authors' Gaussian MLP policy and its numpy forward
+  evaluate    fast lockstep evaluation rollouts and normalised scores
   train       the trainer: one loop, weighting chosen by config
   experiments algorithms x seeds x datasets, tables and plots
 """

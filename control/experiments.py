@@ -216,7 +216,7 @@ def plot(root: Path, cfg: ExperimentConfig) -> None:
 
 
 QUICK = dict(dataset="medium-replay", dataset_steps=50_000, algos=("bc", "filtered_bc", "iwsft"), seeds=1,
-             bc_steps=2000, steps=500, eval_every=0, final_eval_episodes=10, out="runs/control-quick")
+             bc_steps=2000, steps=500, eval_every=0, final_eval_episodes=10)
 
 
 def main(argv=None):
@@ -246,7 +246,7 @@ def main(argv=None):
         eval_episodes=a.eval_episodes, final_eval_episodes=a.final_eval_episodes, out=a.out,
         drop_nonfinite=a.drop_nonfinite)
     if a.quick:
-        cfg = replace(cfg, **QUICK)
+        cfg = replace(cfg, **QUICK, out=a.out if a.out != d.out else "runs/control-quick")
     t0 = time.time()
     root = run_all(cfg)
     print(f"done in {time.time() - t0:.0f}s; results in {root}")

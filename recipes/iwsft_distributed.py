@@ -17,6 +17,11 @@ Features (config key → what it does):
   authors' LLM settings (``sequence``, 1.0, 0, 16, false). ``level: token`` uses per-token weights (the authors'
   variant uses clip [0.2, 1.8]). ``normalize: true`` divides by the mean weight over the global micro-batch
   (all ranks).
+- ``weighting.q: current | ema``: the weighting policy ``q``. ``current`` (default, the paper's LLM setting) reuses
+  the detached log-probs of the training forward (no extra cost); ``ema`` keeps a frozen sharded EMA copy of the
+  trained weights (``iwsft.EMA``, ``weighting.ema_decay``, default 0.9 as in the authors' control code), updated
+  after every optimizer step, and runs one extra no-grad forward per micro-batch. The EMA is not checkpointed: on
+  resume it restarts from the resumed weights.
 - ``reference.strategy``: where ``log p_ref`` comes from.
     * ``precomputed`` (default): before the first optimizer step one no-grad pass over the whole training set
       with the starting weights; the per-token log-probs of all ranks are gathered into an
@@ -156,8 +161,11 @@ def validate_config(cfg: DictConfig) -> None:
     except (ValueError, TypeError) as exc:
         errors.append(str(exc))
     q = (cfg.get("weighting", None) or {}).get("q", "current")
-    if q != "current":
-        errors.append(f"weighting.q={q!r}: only `current` (q = the current model, as in the paper) is implemented.")
+    if q not in ("current", "ema"):
+        errors.append(f"weighting.q={q!r}: use `current` (the paper's LLM setting) or `ema`.")
+    decay = (cfg.get("weighting", None) or {}).get("ema_decay", 0.9)
+    if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
+        errors.append(f"weighting.ema_decay={decay!r} must be a number in [0, 1].")
     device = str(cfg.get("device", "cuda"))
     if device not in ("cuda", "cpu"):
         errors.append(f"device={device!r}: use `cuda` or `cpu`.")
@@ -165,8 +173,6 @@ def validate_config(cfg: DictConfig) -> None:
         for key in ("fsdp_cpu_offload", "enable_async_checkpointing", "enable_activation_offloading"):
             if cfg.get(key, False):
                 errors.append(f"{key}=true does not work with device=cpu (gloo-only process group); set it to false.")
-        if str(cfg.get("dtype", "fp32")) == "bf16":
-            pass  # bf16 works on CPU, just slowly
     if str(cfg.get("dtype", "bf16")) not in ("bf16", "fp32"):
         errors.append(f"dtype={cfg.get('dtype')!r}: use bf16 or fp32 (fp16 is not supported).")
     if cfg.get("enable_activation_offloading", False) and not cfg.get("enable_activation_checkpointing", False):
@@ -181,6 +187,9 @@ def validate_config(cfg: DictConfig) -> None:
     wr = cfg.get("warmup_ratio", None)
     if wr is not None and not (0.0 <= float(wr) < 1.0):
         errors.append(f"warmup_ratio={wr!r} must be in [0, 1).")
+    if cfg.get("enable_async_checkpointing", False) and device != "cpu":
+        errors.append("enable_async_checkpointing is not supported by iwsft_distributed (checkpoints are HF "
+                      "safetensors written by rank 0); set it to false.")
     if cfg.get("optimizer_in_bwd", False):
         errors.append("optimizer_in_bwd is not supported by iwsft_distributed; set optimizer_in_bwd=false.")
     if int(cfg.get("tensor_parallel_dim", 1)) != 1:
@@ -227,13 +236,17 @@ class IWSFTRecipeDistributed:
         self._device = utils.get_device(device=cfg.device)
         self._dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=self._device)
         _ensure_process_env()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if self._device.type == "cuda" else "gloo")
+        if not dist.is_initialized():  # CPU: gloo; CUDA: NCCL (+ gloo for CPU-offloaded FSDP state)
+            backend = "gloo" if self._device.type == "cpu" else training.get_distributed_backend(
+                self._device.type, offload_ops_to_cpu=bool(cfg.get("fsdp_cpu_offload", False)))
+            dist.init_process_group(backend)
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
 
         self._method = cfg.get("method", "iwsft")
         self._wcfg = weighting_config(cfg)
+        self._q = (cfg.get("weighting", None) or {}).get("q", "current")
+        self._ema_decay = float((cfg.get("weighting", None) or {}).get("ema_decay", 0.9))
         ref = cfg.get("reference", None) or {}
         self._strategy = ref.get("strategy", "precomputed")
         self._ref_batch_size = int(ref.get("batch_size", None) or cfg.batch_size)
@@ -277,7 +290,8 @@ class IWSFTRecipeDistributed:
         self._collate = partial(_get_component_from_path(cfg.get("collate_fn", DEFAULT_COLLATE)),
                                 padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
         self._sampler = DistributedSampler(self._dataset, num_replicas=self.world_size, rank=self.rank,
-                                           shuffle=cfg.get("shuffle", True), seed=0, drop_last=True)
+                                           shuffle=cfg.get("shuffle", True), seed=cfg.get("seed", None) or 0,
+                                           drop_last=True)
         self._dataloader = DataLoader(self._dataset, batch_size=self._batch_size, sampler=self._sampler,
                                       collate_fn=self._collate, drop_last=True)
 
@@ -294,6 +308,7 @@ class IWSFTRecipeDistributed:
         # Reference log-probs (iw-SFT only).
         self._ref_model = None
         self._ref_cache = None
+        self._q_ema = None
         if self._method == "iwsft":
             if self._strategy == "precomputed":
                 self._ref_cache = self._setup_reference_cache(cfg)
@@ -301,6 +316,13 @@ class IWSFTRecipeDistributed:
                 self._ref_model = self._setup_reference_model(cfg, ckpt_dict[training.MODEL_KEY])
             elif not self._is_lora:
                 raise ValueError("reference.strategy=adapters_off: the model has no LoRA adapters.")
+            if self._q == "ema":  # starts from the weights training starts from (the resumed ones when resuming)
+                self._q_ema = iwsft.EMA(torch.nn.Identity(), decay=self._ema_decay)
+                # EMA's deepcopy cannot copy an FSDP2-sharded module: build the copy the same way as the training
+                # model and let iwsft.EMA own the update rule.
+                self._q_ema.module = self._frozen_copy(cfg, ckpt_dict[training.MODEL_KEY],
+                                                       ckpt_dict.get(training.ADAPTER_KEY))
+                utils.log_rank_zero(log, f"EMA weighting policy ready (weighting.q=ema, decay {self._ema_decay}).")
         del ckpt_dict
         dist.barrier()
 
@@ -398,10 +420,12 @@ class IWSFTRecipeDistributed:
                                   modules=list(cfg.model.lora_attn_modules),
                                   mlp=bool(cfg.model.get("apply_lora_to_mlp", False)),
                                   output=bool(cfg.model.get("apply_lora_to_output", False)))
-        self._act_ctx = training.get_act_offloading_ctx_manager(model, cfg.get("enable_activation_offloading", False))
+        self._act_ctx = training.get_act_offloading_ctx_manager(
+            model, cfg.get("enable_activation_offloading", False))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        utils.log_rank_zero(log, f"Model ready in {time.perf_counter() - start:.1f}s ({'LoRA' if self._is_lora else 'full'}"
-                                 f" fine-tuning, {self.world_size} process(es), {n_train} trainable parameters on rank 0)")
+        kind = "LoRA" if self._is_lora else "full"
+        utils.log_rank_zero(log, f"Model ready in {time.perf_counter() - start:.1f}s ({kind} fine-tuning, "
+                                 f"{self.world_size} process(es), {n_train} trainable parameters on rank 0)")
         if self._is_rank_zero and self._device.type == "cuda":
             training.log_memory_stats(training.get_memory_stats(device=self._device))
         return model
@@ -411,9 +435,15 @@ class IWSFTRecipeDistributed:
         if self._resume and not self._is_lora:  # the loaded weights are the resumed ones: reload the starting ones
             state_dict = config.instantiate(cfg.checkpointer, should_load_recipe_state=False).load_checkpoint()[
                 training.MODEL_KEY]
-        model = self._build_model(cfg, state_dict, None, trainable=False)
+        model = self._frozen_copy(cfg, state_dict, None)
+        utils.log_rank_zero(log, "Frozen reference model ready (reference.strategy=model).")
+        return model
+
+    def _frozen_copy(self, cfg: DictConfig, state_dict, adapter_sd) -> torch.nn.Module:
+        """A no-grad, sharded model built like the trained one, with storage of its own."""
+        model = self._build_model(cfg, state_dict, adapter_sd, trainable=False)
         # Loading may hand both models the very same storage (no sharding: the mmapped tensors are assigned);
-        # the reference must not move with the trained weights, so give it its own copy of any shared tensor.
+        # a frozen copy must not move with the trained weights, so give it its own copy of any shared tensor.
         trained = {_local(p).untyped_storage().data_ptr() for p in self._model.parameters()}
         with torch.no_grad():
             for p in model.parameters():
@@ -422,7 +452,6 @@ class IWSFTRecipeDistributed:
                     loc.data = loc.data.clone()
         model.eval()
         model.set_num_output_chunks(self._loss_fn.num_output_chunks)
-        utils.log_rank_zero(log, "Frozen reference model ready (reference.strategy=model).")
         return model
 
     def _setup_lr_scheduler(self, cfg: DictConfig):
@@ -553,7 +582,12 @@ class IWSFTRecipeDistributed:
                 if iw:
                     ids = self._sample_ids(batch) if self._ref_cache is not None else batch.get("sample_id")
                     logp_ref = self._reference_logp(tokens, labels, mask, ids)
-                    w, log_ratio = iwsft.importance_weights(token_logp.detach(), logp_ref, self._wcfg, mask=mask)
+                    if self._q_ema is None:  # q = the current model: the same forward, detached
+                        logp_q = token_logp.detach()
+                    else:
+                        with torch.no_grad():
+                            logp_q = self._loss_fn.token_log_probs(self._q_ema.module(tokens), labels)
+                    w, log_ratio = iwsft.importance_weights(logp_q, logp_ref, self._wcfg, mask=mask)
                     if self._wcfg.level == "sequence":
                         seq_w = w
                         step_weights.append(w.detach())
@@ -582,6 +616,8 @@ class IWSFTRecipeDistributed:
                         grad_norm = grad_norm.full_tensor()
                 self._optimizer.step()
                 self._optimizer.zero_grad(set_to_none=True)
+                if self._q_ema is not None:
+                    self._q_ema.update(self._model)
                 self.global_step += 1
                 lr = get_lr(self._optimizer)
                 if self._lr_scheduler is not None:

@@ -137,3 +137,25 @@ def test_unknown_minari_id(tmp_path, monkeypatch):
 def test_unknown_algo():
     with pytest.raises(ValueError, match="unknown algo 'ppo'"):
         TrainConfig(algo="ppo")
+
+
+def test_snapshot_numpy_policy_matches_sb3(tmp_path):
+    """The numpy snapshot used to build datasets acts like the SB3 PPO policy it was saved from."""
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+
+    from control.agent import SnapshotPolicy, _save_snapshot
+    model = PPO("MlpPolicy", gym.make("Hopper-v5"), seed=0, device="cpu")
+    snap = SnapshotPolicy(_save_snapshot(model, 123, tmp_path))
+    obs = np.random.default_rng(0).normal(size=(5, 11)).astype(np.float32)
+    expected, _ = model.predict(obs, deterministic=True)  # mean action, clipped to the action space
+    np.testing.assert_allclose(snap.act(obs, None), expected, rtol=1e-5, atol=1e-5)
+    assert snap.steps == 123
+
+
+def test_shipped_snapshots_exist_and_are_small():
+    from control.agent import ASSETS, list_snapshots
+    snaps = list_snapshots("hopper")
+    assert len(snaps) >= 10
+    assert sum(p.stat().st_size for p in snaps) < 2_000_000
+    assert all(p.parent == ASSETS / "hopper" for p in snaps)

@@ -149,6 +149,21 @@ def test_model_reference_gives_the_same_weights_as_precomputed(base_run, tiny_as
     assert not (tmp_path / "run" / "reference_logprobs.pt").exists()
 
 
+def test_ema_q_with_decay_0_is_the_current_model(base_run, tiny_assets, tmp_path):
+    _, rows = base_run
+    rows_e = run_recipe(tiny_assets, tmp_path / "run", "weighting.q=ema", "weighting.ema_decay=0.0")
+    for key in ("loss", "weight_mean", "weight_max", "log_ratio_mean"):
+        assert losses(rows_e, key) == pytest.approx(losses(rows, key), rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_ema_q_with_decay_1_stays_at_the_reference(tiny_assets, tmp_path):
+    rows = run_recipe(tiny_assets, tmp_path / "run", "weighting.q=ema", "weighting.ema_decay=1.0", nproc=2)
+    assert all(r["weight_mean"] == pytest.approx(1.0, abs=1e-5) for r in rows)  # q never moves: q = p_ref
+    assert all(r["loss"] == pytest.approx(r["nll"], rel=1e-5) for r in rows)
+    assert rows[-1]["nll"] < rows[0]["nll"]
+
+
 def test_gradient_accumulation_matches_a_bigger_batch(tiny_assets, tmp_path):
     common = ["epochs=1", "max_steps_per_epoch=2", "shuffle=false", "clip_grad_norm=null"]
     run_recipe(tiny_assets, tmp_path / "big", "batch_size=2", "gradient_accumulation_steps=1", *common)
