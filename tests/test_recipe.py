@@ -259,3 +259,17 @@ def test_token_level_weights(tiny_assets, tmp_path):
 def test_missing_resume_state_fails_early_with_a_clear_message(tiny_assets, tmp_path):
     with pytest.raises(AssertionError, match="resume_from_checkpoint=true but"):
         run_recipe(tiny_assets, tmp_path / "run", "resume_from_checkpoint=true", "epochs=1")
+
+
+@pytest.mark.slow
+def test_two_process_resume_continues_the_same_loss_curve(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    rows = run_recipe(tiny_assets, out, nproc=2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "epoch_1")
+    shutil.rmtree(resumed / "logs")
+    new_rows = run_recipe(tiny_assets, resumed, "resume_from_checkpoint=true", nproc=2)
+    assert [r["step"] for r in new_rows] == [4, 5, 6]
+    assert losses(new_rows) == pytest.approx(losses(rows[3:]), rel=1e-5)
+    assert losses(new_rows, "weight_mean") == pytest.approx(losses(rows[3:], "weight_mean"), rel=1e-5)
