@@ -62,9 +62,13 @@ Features (config key → what it does):
   token-level stats over rank 0's tokens. tqdm progress bar on rank 0.
 - Checkpoints: ``checkpointer`` (``FullModelHFCheckpointer``) writes ``<output_dir>/epoch_N/`` in HF format
   (loadable by ``transformers``/vLLM) after every epoch; intermediate epochs also write
-  ``recipe_state/recipe_state.pt`` (optimizer, seed, epochs run, dataloader state).
+  ``recipe_state/recipe_state.pt`` (optimizer, seed, epochs run, max_steps_per_epoch). Never half a checkpoint:
+  ``epoch_N/CHECKPOINT_COMPLETE`` is removed before and written after all of that epoch's files (fsynced), and
+  ``recipe_state.pt`` is replaced atomically after that marker, so it only ever names a complete epoch; an
+  ``epoch_N/`` without the marker is the remains of an interrupted save.
 - ``resume_from_checkpoint: true``: continues from the last intermediate epoch in ``output_dir`` (weights or
-  adapter of that epoch, optimizer, lr schedule, sampler epoch, reference cache) so the loss curve continues.
+  adapter of that epoch, optimizer, lr schedule, sampler epoch, reference cache) so the loss curve continues;
+  it refuses an epoch directory without ``CHECKPOINT_COMPLETE``. Resuming is at epoch granularity.
 - ``compile``: ``torch.compile`` of the model's layers. ``seed``, ``max_steps_per_epoch``, ``epochs``, ``dtype``
   (``bf16`` | ``fp32``).
 
@@ -75,6 +79,7 @@ error says which key to change.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import socket
@@ -114,6 +119,8 @@ STRATEGIES = ("precomputed", "model", "adapters_off")
 DEFAULT_COLLATE = "iwsft.tune.collate.padded_collate_iwsft"
 CACHE_NAME = "reference_logprobs.pt"
 ADAPTER_SUBDIR = "adapter"  # LoRA: epoch_N/adapter/{adapter_model.safetensors, adapter_config.json, adapter_model.pt}
+COMPLETE_MARKER = "CHECKPOINT_COMPLETE"  # written last into epoch_N/: without it the save of that epoch never finished
+RECIPE_STATE = Path("recipe_state") / "recipe_state.pt"  # under output_dir, where torchtune's checkpointer reads it
 IGNORE_INDEX = -100
 
 
@@ -290,7 +297,7 @@ class IWSFTRecipeDistributed:
         self._collate = partial(_get_component_from_path(cfg.get("collate_fn", DEFAULT_COLLATE)),
                                 padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
         self._sampler = DistributedSampler(self._dataset, num_replicas=self.world_size, rank=self.rank,
-                                           shuffle=cfg.get("shuffle", True), seed=cfg.get("seed", None) or 0,
+                                           shuffle=cfg.get("shuffle", True), seed=self.seed,
                                            drop_last=True)
         self._dataloader = DataLoader(self._dataset, batch_size=self._batch_size, sampler=self._sampler,
                                       collate_fn=self._collate, drop_last=True)
@@ -336,6 +343,11 @@ class IWSFTRecipeDistributed:
         if not epoch_dir.is_dir():
             raise FileNotFoundError(f"{state_path} says {state[training.EPOCHS_KEY]} epochs ran but {epoch_dir} "
                                     "is missing.")
+        if not (epoch_dir / COMPLETE_MARKER).is_file():
+            raise FileNotFoundError(
+                f"{epoch_dir} has no {COMPLETE_MARKER} marker: it was being (re)written when a run stopped, so its "
+                f"files may be partial or from two different runs. Resume from a copy that holds a complete epoch, "
+                "or start afresh with resume_from_checkpoint=false (and a new output_dir).")
         return epoch_dir
 
     def _load_checkpoint(self, cfg: DictConfig) -> Dict[str, Any]:
@@ -656,6 +668,13 @@ class IWSFTRecipeDistributed:
 
     # ------------------------------------------------------------------------------------- checkpointing
     def save_checkpoint(self, epoch: int) -> None:
+        """Write ``epoch_N/`` (HF weights, LoRA adapter) and, for intermediate epochs, ``recipe_state.pt``.
+
+        Crash-safe ordering (rank 0): drop ``epoch_N/CHECKPOINT_COMPLETE``; let the checkpointer write the weights
+        and config files; move the adapter files; fsync everything and write the marker; only then replace
+        ``recipe_state.pt`` atomically. A crash at any point leaves ``recipe_state.pt`` naming the previous
+        complete epoch, and ``epoch_N/`` without a marker.
+        """
         intermediate = epoch + 1 < self.total_epochs
         start = time.perf_counter()
         sd = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
@@ -664,6 +683,8 @@ class IWSFTRecipeDistributed:
         opt_sd = (training.get_full_optimizer_state_dict(self._model, self._optimizer, self._is_rank_zero,
                                                          device=self._device) if intermediate else None)
         if self._is_rank_zero:
+            epoch_dir = self._output_dir / f"epoch_{epoch}"
+            (epoch_dir / COMPLETE_MARKER).unlink(missing_ok=True)  # a rewrite is incomplete until it is marked again
             ckpt: Dict[str, Any] = {}
             if self._is_lora:
                 lc = self._lora_cfg
@@ -675,14 +696,24 @@ class IWSFTRecipeDistributed:
                 }
             else:
                 ckpt[training.MODEL_KEY] = sd
-            if intermediate:
-                ckpt.update({training.OPT_KEY: opt_sd, training.SEED_KEY: self.seed,
-                             training.EPOCHS_KEY: self.epochs_run, training.TOTAL_EPOCHS_KEY: self.total_epochs,
-                             training.MAX_STEPS_KEY: self.max_steps_per_epoch})
-            self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=intermediate)
+            # intermediate_checkpoint=False: the checkpointer would write recipe_state.pt in place, before the
+            # adapter files are moved and the marker exists; it is written below instead, last and atomically.
+            self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=False)
             if self._is_lora:  # keep epoch_N/ a plain HF model dir: transformers/vLLM would otherwise see
                 self._move_adapter_files(epoch)  # adapter_config.json and try to load it as a PEFT adapter
-            log.info(f"Checkpoint for epoch {epoch} saved in {time.perf_counter() - start:.1f}s")
+            files = sorted(f for f in epoch_dir.rglob("*") if f.is_file())
+            for f in files:
+                _fsync(f)
+            marker = {"epoch": epoch, "global_step": self.global_step, "intermediate": intermediate,
+                      "files": {str(f.relative_to(epoch_dir)): f.stat().st_size for f in files}}
+            _atomic_write(epoch_dir / COMPLETE_MARKER, lambda tmp: tmp.write_text(json.dumps(marker, indent=1)))
+            if intermediate:
+                state = {training.OPT_KEY: opt_sd, training.SEED_KEY: self.seed,
+                         training.EPOCHS_KEY: self.epochs_run, training.TOTAL_EPOCHS_KEY: self.total_epochs,
+                         training.MAX_STEPS_KEY: self.max_steps_per_epoch}
+                _atomic_write(self._output_dir / RECIPE_STATE, lambda tmp: torch.save(state, tmp))
+            log.info(f"Checkpoint for epoch {epoch} saved to {epoch_dir} in {time.perf_counter() - start:.1f}s"
+                     + (f" (resume state: {self._output_dir / RECIPE_STATE})" if intermediate else ""))
         dist.barrier()
 
     def _move_adapter_files(self, epoch: int) -> None:
@@ -701,6 +732,23 @@ class IWSFTRecipeDistributed:
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The tensor object that owns a parameter's local storage (the shard for an FSDP2 DTensor)."""
     return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temp file beside ``path``, fsync, then ``os.replace``: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
