@@ -24,7 +24,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 class AgentConfig:
     env: str = "hopper"  # environment short name (control.envs.ENVS)
     total_steps: int = 300_000  # environment steps of PPO training in total (resuming counts earlier steps)
-    snapshot_every: int = 10_240  # save a policy snapshot every this many steps (a multiple of PPO's n_steps=2048)
+    snapshot_every: int = 10_240  # save a policy snapshot every this many steps (best a multiple of PPO's n_steps=2048)
     seed: int = 0  # PPO seed
     workdir: str = "runs/agents"  # where the resumable SB3 checkpoint lives (not shipped)
     assets: str = str(ASSETS)  # where the snapshots go (shipped)
@@ -104,8 +104,8 @@ def train_agent(cfg: AgentConfig) -> list[Path]:
 
     class Snapshots(BaseCallback):
         def _on_rollout_start(self) -> None:  # called after each policy update, before collecting again
-            n = self.model.num_timesteps
-            if n > 0 and n % cfg.snapshot_every < 2048:  # first rollout boundary past each multiple
+            n, rollout = self.model.num_timesteps, self.model.n_steps * self.model.n_envs
+            if n > 0 and n % cfg.snapshot_every < rollout:  # first rollout boundary past each multiple
                 p = _save_snapshot(self.model, n, out_dir)
                 self.model.save(ckpt)
                 ret = float(np.mean([e["r"] for e in self.model.ep_info_buffer]))

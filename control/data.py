@@ -3,7 +3,7 @@
     python -m control.data build --env hopper --kind medium-replay     # -> Minari id iwsft/hopper/medium-replay-v0
     python -m control.data list
 
-Kinds (D4RL's recipe, adapted to a PPO agent; see docs/notes_control.md):
+Kinds (D4RL's recipe, adapted to a PPO agent):
   medium         stochastic rollouts (PPO's exploration noise) of the final snapshot
   medium-replay  stochastic rollouts of every snapshot in training order, equal steps each (what the learner saw)
   expert         mean-action rollouts of the final snapshot
@@ -26,9 +26,11 @@ KINDS = ("medium", "medium-replay", "expert", "medium-expert")
 DEFAULT_STEPS = 200_000
 
 
-def dataset_id(env: str, kind: str, steps: int = DEFAULT_STEPS) -> str:
+def dataset_id(env: str, kind: str, steps: int = DEFAULT_STEPS, seed: int = 0) -> str:
+    """Minari id of a built dataset; size and seed appear only when they differ from the defaults."""
     size = "" if steps == DEFAULT_STEPS else f"-{steps // 1000}k"
-    return f"iwsft/{get_env(env).name}/{kind}{size}-v0"
+    seed_tag = "" if seed == 0 else f"-seed{seed}"
+    return f"iwsft/{get_env(env).name}/{kind}{size}{seed_tag}-v0"
 
 
 def collect(policy: SnapshotPolicy, env: str, steps: int, seed: int, stochastic: bool):
@@ -79,7 +81,7 @@ def build_episodes(env: str, kind: str, steps: int = DEFAULT_STEPS, seed: int = 
     lengths = [len(r) for r in rew]
     eps = Episodes(np.concatenate(obs), np.concatenate(act), np.concatenate(rew),
                    np.concatenate([[0], np.cumsum(lengths)]), np.array(term), get_env(env).name,
-                   f"built:{dataset_id(env, kind, steps)}")
+                   f"built:{dataset_id(env, kind, steps, seed)}")
     return eps, np.array(final)
 
 
@@ -87,7 +89,7 @@ def build(env: str, kind: str, steps: int = DEFAULT_STEPS, seed: int = 0, force:
     """Builds the dataset and writes it as a Minari dataset; returns its id. Skips if it already exists."""
     import minari
 
-    did = dataset_id(env, kind, steps)
+    did = dataset_id(env, kind, steps, seed)
     if did in minari.list_local_datasets():
         if not force:
             return did

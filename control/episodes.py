@@ -7,13 +7,12 @@ Episode e owns steps `offsets[e]:offsets[e+1]` of `observations`, `actions` and 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from control.envs import EnvSpec, get_env
+from control.envs import EnvSpec, get_env, normalized_score
 
 
 @dataclass
@@ -52,11 +51,6 @@ class Episodes:
         """Undiscounted return of each episode [E] (float64)."""
         return np.add.reduceat(self.rewards.astype(np.float64), self.offsets[:-1]) if self.num_episodes else np.zeros(0)
 
-    @property
-    def episode_ids(self) -> np.ndarray:
-        """The episode index of every step [N]."""
-        return np.repeat(np.arange(self.num_episodes), self.lengths)
-
     def validate(self) -> None:
         n = len(self.observations)
         if self.offsets.ndim != 1 or len(self.offsets) < 2 or self.offsets[0] != 0 or self.offsets[-1] != n:
@@ -91,7 +85,6 @@ class Episodes:
                         np.concatenate([[0], np.cumsum(self.lengths[idx])]), self.terminated[idx], self.env, self.source)
 
     def normalized_returns(self) -> np.ndarray:
-        from control.envs import normalized_score
         return normalized_score(self.env, self.returns)
 
     def summary(self) -> dict:
@@ -179,6 +172,11 @@ def load_d4rl_hdf5(path: str | Path, env: str | None = None, drop_nonfinite: boo
         if missing:
             raise ValueError(f"{path}: missing D4RL field(s) {missing}; expected {list(D4RL_FIELDS)}")
         data = {k: f[k][()] for k in D4RL_FIELDS}
+        n = len(data["rewards"])
+        for k in D4RL_FIELDS:
+            if len(data[k]) != n:
+                raise ValueError(f"{path}: field {k!r} has {len(data[k])} entries but 'rewards' has {n}; every D4RL "
+                                 f"field must have one entry per step. Re-export the file.")
         name = env or f.attrs.get("env_name") or (f["metadata/env_name"][()] if "metadata/env_name" in f else None)
     if isinstance(name, bytes):
         name = name.decode()
@@ -186,8 +184,7 @@ def load_d4rl_hdf5(path: str | Path, env: str | None = None, drop_nonfinite: boo
         stem = path.stem.lower()
         name = next((k for k in ("halfcheetah", "hopper", "walker2d") if stem.startswith(k)), None)
     env_name = _env_from_spec_id(name, str(path))
-    ends = np.flatnonzero(data["terminals"].astype(bool) | data["timeouts"].astype(bool)) + 1
-    n = len(data["rewards"])
+    ends = np.flatnonzero(data["terminals"].astype(bool).reshape(-1) | data["timeouts"].astype(bool).reshape(-1)) + 1
     if len(ends) == 0 or ends[-1] != n:
         ends = np.append(ends, n)
     starts = np.concatenate([[0], ends[:-1]])
@@ -242,15 +239,3 @@ def save_minari(episodes: Episodes, dataset_id: str, final_observations: np.ndar
             ref_min_score=spec.ref_min, ref_max_score=spec.ref_max, description=description or None,
             requirements=["gymnasium[mujoco]>=1.0"])
 
-
-def load_any(dataset: str, env: str | None = None, d4rl_file: str | None = None, drop_nonfinite: bool = False) -> Episodes:
-    """--d4rl-file wins; else `dataset` is an HDF5 file, a Minari directory or a Minari id."""
-    if d4rl_file:
-        return load_d4rl_hdf5(d4rl_file, env, drop_nonfinite)
-    if str(dataset).endswith((".hdf5", ".h5")):
-        return load_d4rl_hdf5(dataset, env, drop_nonfinite)
-    return load_minari(dataset, env, drop_nonfinite)
-
-
-def describe(episodes: Episodes) -> str:
-    return json.dumps(episodes.summary())

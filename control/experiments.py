@@ -16,14 +16,14 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from control.data import DEFAULT_STEPS, KINDS, build, dataset_id
+from control.data import DEFAULT_STEPS, KINDS, build
 from control.episodes import Episodes, load_d4rl_hdf5, load_minari
 from control.train import ALGOS, TrainConfig, policy_from_state, train
 
@@ -86,23 +86,37 @@ def save_run(run_dir: Path, result: dict) -> None:
     tmp.rename(run_dir / "result.json")  # written last: its presence marks the run finished
 
 
+def check_finished_run(run_dir: Path, tcfg: TrainConfig, dataset: dict) -> None:
+    """A finished run is reused only if it was trained with the same settings on the same data (else its score would
+    be reported under settings it was not trained with)."""
+    result = json.loads((run_dir / "result.json").read_text())
+    saved = {**result["config"], "dataset": result.get("dataset")}
+    wanted = json.loads(json.dumps({**asdict(tcfg), "dataset": dataset}))  # tuples -> lists, as stored
+    changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    if changed:
+        raise ValueError(f"{run_dir} holds a finished run with other settings (field: (saved, requested)) {changed}; "
+                         f"use another --out, or delete {run_dir} to retrain it.")
+
+
 def run_all(cfg: ExperimentConfig) -> Path:
+    if cfg.seeds < 1:
+        raise ValueError(f"seeds={cfg.seeds} must be >= 1 (--seeds N runs seeds 0..N-1).")
+    for algo in ("bc", *cfg.algos):  # check algorithm names and budgets before the (possibly long) dataset build
+        train_config(cfg, algo, 0)
     torch.set_num_threads(1)
     data, tag = load_dataset(cfg)
     root = Path(cfg.out) / tag
     root.mkdir(parents=True, exist_ok=True)
     (root / "dataset.json").write_text(json.dumps(data.summary(), indent=1))
     print(f"dataset: {json.dumps(data.summary())}", flush=True)
-    for algo in cfg.algos:
-        if algo not in ALGOS:
-            raise ValueError(f"unknown algo {algo!r}; choose from {ALGOS}")
     for seed in range(cfg.seeds):
         bc_dir = root / "bc" / f"seed{seed}"
         for algo in ["bc"] + [a for a in cfg.algos if a != "bc"]:
             run_dir = root / algo / f"seed{seed}"
-            if (run_dir / "result.json").exists():
-                continue
             tcfg = train_config(cfg, algo, seed)
+            if (run_dir / "result.json").exists():
+                check_finished_run(run_dir, tcfg, data.summary())
+                continue
             init = ref = None
             if algo != "bc":
                 init = torch.load(bc_dir / "policy.pt")
@@ -113,14 +127,17 @@ def run_all(cfg: ExperimentConfig) -> Path:
             save_run(run_dir, result)
             print(f"{algo} seed{seed}: score {result['final']['score_mean']:.1f} "
                   f"({result['wall_time_s']:.0f}s)", flush=True)
-    table = write_table(root, cfg)
-    plot(root, cfg)
+    table = write_table(root)
+    plot(root)
     print(table)
     return root
 
 
 # ---- reporting
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# two-sided 95% Student-t quantiles by degrees of freedom; beyond 30 the normal 1.96 (at most 4% narrower)
+T975 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+                       2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+                       2.052, 2.048, 2.045, 2.042], start=1))
 
 
 def interval95(x: np.ndarray) -> tuple[float, float]:
@@ -141,7 +158,7 @@ def load_results(root: Path, algos) -> dict[str, list[dict]]:
     return out
 
 
-def write_table(root: Path, cfg: ExperimentConfig) -> str:
+def write_table(root: Path) -> str:
     results = load_results(root, ALGOS)
     ds = json.loads((root / "dataset.json").read_text())
     lines = [f"Dataset `{ds['source']}`: {ds['episodes']} episodes, {ds['steps']} steps, "
@@ -169,7 +186,7 @@ def write_table(root: Path, cfg: ExperimentConfig) -> str:
     return text
 
 
-def plot(root: Path, cfg: ExperimentConfig) -> None:
+def plot(root: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

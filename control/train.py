@@ -64,6 +64,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.algo not in ALGOS:
             raise ValueError(f"unknown algo {self.algo!r}; choose from {ALGOS}")
+        for name in ("steps", "batch_size", "refresh_every", "log_every", "eval_episodes", "final_eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1.")
+        for name in ("full_episodes", "warmup_steps", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0 (0 turns it off).")
 
     @property
     def weighted(self) -> bool:

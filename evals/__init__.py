@@ -1,6 +1,6 @@
 """lm-eval task definitions and an evaluation runner for iw-SFT checkpoints (s1 protocol).
 
-Task YAMLs live in this directory (load them with ``--include_path evals/``); see ``docs/notes_evals.md``.
+Task YAMLs live in this directory (load them with ``--include_path evals/``); see README.md, "Evaluation".
 Short task keys map to lm-eval task names as ``<key>_iwsft`` (``aime24``, ``aime25``, ``math500``,
 ``gpqa_diamond``).
 """

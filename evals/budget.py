@@ -38,11 +38,11 @@ class BudgetForcingConfig:
     num_wait: int = 1  # how many times "Wait" replaces the end of thinking
     thinking_tokens: int = 32000  # cap on all thinking tokens of one output
     answer_tokens: int | None = None  # cap on the answer phase; None: max_gen_toks minus thinking tokens used
-    think_start: str = "<|im_start|>think"
-    think_stop: tuple[str, ...] = ("<|im_start|>", "<|im_end|>")
-    wait: str = "Wait"
-    answer_start: str = "<|im_start|>answer\n"
-    final_answer: str = "Final Answer:"
+    think_start: str = "<|im_start|>think"  # appended to the prompt to open the think phase
+    think_stop: tuple[str, ...] = ("<|im_start|>", "<|im_end|>")  # strings that end a think segment
+    wait: str = "Wait"  # appended when the model tries to stop thinking
+    answer_start: str = "<|im_start|>answer\n"  # the s1 answer delimiter, appended after thinking
+    final_answer: str = "Final Answer:"  # appended after the delimiter so the model answers at once
 
     def __post_init__(self):
         if self.num_wait < 0:

@@ -29,9 +29,9 @@ from typing import Any
 class Source:
     key: str  # short task key: aime24, aime25, math500, gpqa
     filenames: tuple[str, ...]  # standard file names inside a data directory
-    hf_path: str
-    hf_name: str | None
-    hf_split: str
+    hf_path: str  # HF hub dataset the upstream lm-eval task uses (the default source)
+    hf_name: str | None  # its config name (None: the default config)
+    hf_split: str  # the split holding the problems
 
 
 SOURCES: dict[str, Source] = {
@@ -150,10 +150,10 @@ def _clean_choice(text: Any) -> str:
     return " ".join(str(text).replace(" [title]", ". ").split())
 
 
-def shuffle_seed(question: str, record_id: str = "") -> int:
-    """Per-question seed: sha256 of the record id and question text (stable across runs and Python versions)."""
-    digest = hashlib.sha256(f"{record_id}\x00{question}".encode()).hexdigest()
-    return int(digest[:16], 16)
+def shuffle_seed(question: str) -> int:
+    """Per-question seed: sha256 of the question text, so a question gets the same letters on every run, machine
+    and data source (hub rows carry a ``Record ID``, many local exports do not)."""
+    return int(hashlib.sha256(question.encode()).hexdigest()[:16], 16)
 
 
 def normalise_gpqa_rows(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
@@ -169,7 +169,7 @@ def normalise_gpqa_rows(rows: list[dict[str, Any]], where: str) -> list[dict[str
         ]
         record_id = str(row.get("Record ID") or row.get("id") or "")
         choices = [correct] + wrong
-        random.Random(shuffle_seed(question, record_id)).shuffle(choices)
+        random.Random(shuffle_seed(question)).shuffle(choices)
         gold = "ABCD"[choices.index(correct)]
         body = "\n".join(f"{letter}) {text}" for letter, text in zip("ABCD", choices))
         out.append({

@@ -177,10 +177,11 @@ def parse_choice_letter(answer: str | None, choices: list[str] | None = None) ->
     m = re.match(r"[\(\[]?([A-D])[\)\]\.:](?:\s|$)", s)
     if m:
         return m.group(1)
-    # "Option C", "Choice (C)", "The answer is C".
-    m = re.search(r"\b(?:option|choice|answer is|answer)\s*[\(\[]?([A-D])\b[\)\]]?", s, re.IGNORECASE)
+    # "Option C", "Choice (C)", "The answer is C": the keyword in any case, the letter uppercase only (so that
+    # "the answer is a noble gas" is not read as A).
+    m = re.search(r"\b(?i:option|choice|answer is|answer)\s*[\(\[]?([A-D])\b[\)\]]?", s)
     if m:
-        return m.group(1).upper()
+        return m.group(1)
     if choices:
         norm = _normalise_text(s)
         hits = [i for i, c in enumerate(choices) if _normalise_text(c) == norm]

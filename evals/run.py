@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gen-toks", type=int, default=32768, help="generation budget (s1: 32768)")
     p.add_argument("--limit", type=int, default=None, help="first N problems of each task (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="model dtype (default: float32 as in s1 for vllm, float32 for hf)")
+    p.add_argument("--dtype", default=None, help="model dtype (default: float32, as in s1)")
     p.add_argument("--tensor-parallel-size", type=int, default=None, help="default: from the GPU count")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--batch-size", default=None, help="lm-eval batch size (default: auto for vllm, 1 for hf)")
@@ -337,6 +337,9 @@ def table(summaries: list[dict]) -> str:
     if k:
         t = next(s["temperature"] for s in summaries if s.get("samples"))
         note += f"; avg/maj/pass over {k} samples at temperature {t:g}, CI = bootstrap over problems"
+        other = [s["label"] for s in summaries if s.get("samples") and (s["samples"], s["temperature"]) != (k, t)]
+        if other:
+            note += f"; CAUTION: {', '.join(other)} sampled with another k or temperature (see summaries.json)"
     return "\n".join(lines + ["", note])
 
 
@@ -387,6 +390,9 @@ def _main(argv: list[str] | None = None) -> int:
     out_root = Path(args.output)
     out_root.mkdir(parents=True, exist_ok=True)
     parse_tasks(args.tasks)  # fail early on unknown names
+    if args.samples < 0 or (args.samples and args.temperature <= 0):
+        raise SystemExit(f"--samples {args.samples} --temperature {args.temperature}: sampling needs --samples K >= 1 "
+                         "and --temperature > 0 (the greedy run is always done; --samples 0 means greedy only)")
     entries = [(args.checkpoint, args.label)]
     if args.compare:
         entries.append((args.compare, args.compare_label))

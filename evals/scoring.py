@@ -16,8 +16,8 @@ from evals.extract import extract_answer, extract_choice
 @dataclass(frozen=True)
 class Verdict:
     pred: str | None  # the extracted (normalised) answer; None when nothing could be read
-    correct: bool
-    parseable: bool
+    correct: bool  # the extracted answer matches the gold answer
+    parseable: bool  # an answer could be read (False: counted in the `unparseable` metric, and wrong)
 
 
 # ------------------------------------------------------------------------------------------------ math-verify glue

@@ -65,14 +65,16 @@ def tune_command(args: Sequence[str]) -> List[str]:
 
 
 def latest_checkpoint(output_dir) -> Path:
-    """The ``epoch_N`` directory with the largest N under ``output_dir`` that holds an HF model."""
+    """The ``epoch_N`` directory with the largest N under ``output_dir`` that holds an HF model whose save finished
+    (the recipe writes ``epoch_N/CHECKPOINT_COMPLETE`` after all of the epoch's files)."""
     found = []
     for d in Path(output_dir).glob("epoch_*"):
         m = re.fullmatch(r"epoch_(\d+)", d.name)
-        if m and (d / "config.json").is_file() and list(d.glob("*.safetensors")):
+        if m and (d / "CHECKPOINT_COMPLETE").is_file() and (d / "config.json").is_file() and \
+                list(d.glob("*.safetensors")):
             found.append((int(m.group(1)), d))
     if not found:
-        raise FileNotFoundError(f"no epoch_N/ HF checkpoint under {output_dir}")
+        raise FileNotFoundError(f"no complete epoch_N/ HF checkpoint under {output_dir}")
     return max(found)[1]
 
 

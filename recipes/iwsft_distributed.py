@@ -58,8 +58,8 @@ Features (config key → what it does):
   loss), ``nll`` (unweighted token NLL), ``lr``, ``tokens_per_second_per_gpu`` (label tokens), ``grad_norm`` (if
   clipping), peak memory (CUDA, ``log_peak_memory_stats``) and ``iwsft.weight_stats`` (``weight_mean``,
   ``weight_std``, ``weight_min``, ``weight_max``, ``weight_ess``, ``weight_clip_hi``, ``weight_clip_lo``,
-  ``log_ratio_mean``). Sequence-level stats are computed over the *global* batch (all-gathered from every rank);
-  token-level stats over rank 0's tokens. tqdm progress bar on rank 0.
+  ``log_ratio_mean``), computed over the *global* batch (all-gathered from every rank). tqdm progress bar on
+  rank 0.
 - Checkpoints: ``checkpointer`` (``FullModelHFCheckpointer``) writes ``<output_dir>/epoch_N/`` in HF format
   (loadable by ``transformers``/vLLM) after every epoch; intermediate epochs also write
   ``recipe_state/recipe_state.pt`` (optimizer, seed, epochs run, max_steps_per_epoch). Never half a checkpoint:
@@ -329,6 +329,9 @@ class IWSFTRecipeDistributed:
                 # model and let iwsft.EMA own the update rule.
                 self._q_ema.module = self._frozen_copy(cfg, ckpt_dict[training.MODEL_KEY],
                                                        ckpt_dict.get(training.ADAPTER_KEY))
+                with torch.no_grad():  # start at exactly the trained weights (a fresh LoRA init draws new lora_a)
+                    for p_ema, p in zip(self._q_ema.module.parameters(), self._model.parameters()):
+                        p_ema.copy_(p.detach())
                 utils.log_rank_zero(log, f"EMA weighting policy ready (weighting.q=ema, decay {self._ema_decay}).")
         del ckpt_dict
         dist.barrier()
@@ -494,6 +497,7 @@ class IWSFTRecipeDistributed:
             "checkpoint_dir": str(ckpt_dir),
             "checkpoint_files": stats,
             "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "dtype": str(self._dtype),  # bf16 and fp32 log-probs differ: never mix them in one log-ratio
             # the tokenized samples themselves, when the dataset can hash them (iwsft.tune.datasets can)
             "samples": self._dataset.fingerprint() if hasattr(self._dataset, "fingerprint") else None,
         }
@@ -501,15 +505,22 @@ class IWSFTRecipeDistributed:
 
     def _setup_reference_cache(self, cfg: DictConfig):
         key = self._cache_key(cfg)
+        cache = None
         if self._cache_path.is_file():
             try:
                 cache = iwsft.ReferenceLogProbs.load(self._cache_path, key=key)
-                if len(cache) >= len(self._dataset):
-                    utils.log_rank_zero(log, f"Reusing reference cache {self._cache_path} ({len(cache)} samples).")
-                    return cache
-                utils.log_rank_zero(log, f"Reference cache {self._cache_path} is incomplete: recomputing.")
+                if len(cache) < len(self._dataset):
+                    utils.log_rank_zero(log, f"Reference cache {self._cache_path} is incomplete: recomputing.")
+                    cache = None
             except ValueError as exc:
                 utils.log_rank_zero(log, f"Reference cache {self._cache_path} is stale ({exc}): recomputing.")
+        # Every rank must take the same branch (recomputing is collective): reuse only if all ranks can, e.g. not
+        # when output_dir is a node-local disk that only some nodes have the cache on.
+        usable = torch.tensor(int(cache is not None), device=self._device)
+        dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+        if usable.item():
+            utils.log_rank_zero(log, f"Reusing reference cache {self._cache_path} ({len(cache)} samples).")
+            return cache
         if self._resume and not self._is_lora:
             raise RuntimeError(f"resume_from_checkpoint=true with reference.strategy=precomputed needs the cache "
                                f"{self._cache_path} computed by the original run (the resumed weights are no longer "
@@ -560,10 +571,12 @@ class IWSFTRecipeDistributed:
 
     @staticmethod
     def _sample_ids(batch) -> torch.Tensor:
-        if "sample_id" not in batch:
-            raise KeyError("the batch has no `sample_id`: use a dataset from iwsft.tune.datasets and "
-                           f"collate_fn: {DEFAULT_COLLATE} (method=iwsft with reference.strategy=precomputed).")
-        return batch["sample_id"]
+        ids = batch.get("sample_id", None)
+        if ids is None or bool((ids < 0).any()):  # padded_collate_iwsft fills -1 for samples without an id
+            raise KeyError("the batch has no (valid) `sample_id`: use a dataset from iwsft.tune.datasets and "
+                           f"collate_fn: {DEFAULT_COLLATE} (method=iwsft with reference.strategy=precomputed), "
+                           "or reference.strategy=model.")
+        return ids
 
     def train(self) -> None:
         if self._device.type == "cuda":
@@ -619,6 +632,7 @@ class IWSFTRecipeDistributed:
                 dist.all_reduce(num_tokens)
                 dist.all_reduce(running_loss)
                 dist.all_reduce(running_nll)
+                num_tokens.clamp_(min=1)  # a step with no label tokens (e.g. truncate=true) has zero grads
                 training.scale_grads(self._model, self.world_size / num_tokens)
                 grad_norm = None
                 if self._clip_grad_norm is not None:
@@ -662,7 +676,7 @@ class IWSFTRecipeDistributed:
 
     def _weight_stats(self, weights: List[torch.Tensor], log_ratio: List[torch.Tensor]) -> Dict[str, float]:
         w, lr = torch.cat(weights).float(), torch.cat(log_ratio).float()
-        if self._wcfg.level == "sequence" and self.world_size > 1:  # same length on every rank (drop_last)
+        if self.world_size > 1:  # global batch; token-level weights differ in length between ranks
             w, lr = _all_gather_cat(w), _all_gather_cat(lr)
         return iwsft.weight_stats(w, clip_min=self._wcfg.clip_min, clip_max=self._wcfg.clip_max, log_ratio=lr)
 
@@ -752,9 +766,16 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t.contiguous())
-    return torch.cat(out)
+    """Concatenation of every rank's 1-D ``t`` (lengths may differ between ranks)."""
+    n = torch.tensor([t.numel()], dtype=torch.long, device=t.device)
+    sizes = [torch.empty_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(x) for x in sizes]
+    padded = t.new_zeros(max(sizes))
+    padded[: t.numel()] = t
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:k] for o, k in zip(out, sizes)])
 
 
 @config.parse

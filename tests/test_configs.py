@@ -105,3 +105,13 @@ def test_invalid_settings_fail_early_with_the_key_named(recipe, override, messag
 def test_adapters_off_is_accepted_for_lora(recipe):
     cfg = OmegaConf.merge(load("tiny_cpu_lora"), OmegaConf.from_dotlist(["reference.strategy=adapters_off"]))
     recipe.validate_config(cfg)
+
+
+def test_precomputed_reference_refuses_samples_without_an_id(recipe):
+    import torch
+
+    ok = recipe.IWSFTRecipeDistributed._sample_ids({"sample_id": torch.tensor([3, 0])})
+    assert ok.tolist() == [3, 0]
+    for batch in ({}, {"sample_id": torch.tensor([3, -1])}):  # padded_collate_iwsft fills -1 for a missing id
+        with pytest.raises(KeyError, match="sample_id"):
+            recipe.IWSFTRecipeDistributed._sample_ids(batch)

@@ -22,7 +22,6 @@ def test_episode_arrays_and_returns():
     assert e.num_episodes == 6 and e.num_steps == e.lengths.sum()
     manual = [e.rewards[e.offsets[i]:e.offsets[i + 1]].astype(np.float64).sum() for i in range(6)]
     np.testing.assert_allclose(e.returns, manual, rtol=1e-6)
-    np.testing.assert_array_equal(np.bincount(e.episode_ids), e.lengths)
     sub = e.select([4, 1])
     np.testing.assert_array_equal(sub.observations, np.concatenate([e.observations[e.offsets[4]:e.offsets[5]],
                                                                     e.observations[e.offsets[1]:e.offsets[2]]]))
@@ -100,6 +99,15 @@ def test_d4rl_without_timeouts(tmp_path):
         f["observations"], f["actions"] = np.zeros((4, 11)), np.zeros((4, 3))
         f["rewards"], f["terminals"] = np.zeros(4), np.zeros(4, bool)
     with pytest.raises(ValueError, match="no 'timeouts' field.*-v2"):
+        load_d4rl_hdf5(path)
+
+
+def test_d4rl_fields_of_different_lengths(tmp_path):
+    path = tmp_path / "hopper_bad-v2.hdf5"
+    with h5py.File(path, "w") as f:
+        f["observations"], f["actions"] = np.zeros((4, 11)), np.zeros((4, 3))
+        f["rewards"], f["terminals"], f["timeouts"] = np.zeros(4), np.zeros(3, bool), np.zeros(4, bool)
+    with pytest.raises(ValueError, match="field 'terminals' has 3 entries but 'rewards' has 4"):
         load_d4rl_hdf5(path)
 
 

@@ -74,7 +74,7 @@ def test_fast_trainer_equals_naive_padded(algo):
     tr = Trainer(cfg, data, init=copy.deepcopy(init_policy.state_dict()), ref=ref)
     saw_clip = False
     for _ in range(cfg.steps):
-        tr.refresh()  # what train_step does at refresh_every=1 (a no-op here, kept explicit)
+        # no explicit refresh: train_step itself must refresh the log-ratios under the current q (refresh_every=1)
         idx = tr.sample_batch()
         eps = split_episodes(idx, tr.data.offsets)
         assert sum(int(tr.lengths[e]) for e in eps) == len(idx)

@@ -13,10 +13,13 @@ TINY = ["--bc-steps", "30", "--steps", "20", "--batch-size", "64", "--eval-every
         "--final-eval-episodes", "2", "--seeds", "1", "--refresh-every", "5"]
 
 
-def run(args, tmp_path):
+def run(args, tmp_path, ok=True):
     env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari"), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "control.experiments", *args, "--out", str(tmp_path / "out")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if not ok:
+        assert p.returncode != 0, p.stdout[-3000:]
+        return p.stderr
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
 
@@ -45,6 +48,11 @@ def test_all_algorithms_on_a_built_dataset(tmp_path):
                tmp_path)
     assert "seed0: score" not in out2
     assert (root / "iwsft" / "seed0" / "result.json").stat().st_mtime == mtime
+    # ... but a finished run is never reused for other settings (its score would be reported under them)
+    other = [("21" if x == "20" else x) for x in TINY]  # --steps 21
+    err = run(["--env", "hopper", "--dataset", "medium-replay", "--dataset-steps", "3000", "--algos", algos, *other],
+              tmp_path, ok=False)
+    assert "finished run with other settings" in err and "'steps': (20, 21)" in err
 
 
 def _random_hopper_episodes(n=12, seed=0):

@@ -33,7 +33,7 @@ def data_dir() -> Path:
     missing = [f for f in DATA_FILES.values() if not (DATA / f).is_file()]
     if missing:
         pytest.fail(f"evaluation data missing: expected {', '.join(missing)} in {DATA} (the shared data directory "
-                    f"beside the repository; see docs/notes_evals.md)", pytrace=False)
+                    f"beside the repository; see README.md, 'Tests and benchmarks')", pytrace=False)
     return DATA
 
 

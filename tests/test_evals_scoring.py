@@ -49,7 +49,7 @@ EXTRACTION_TABLE = [
     ("cut off: \\boxed{\\frac{1}{", None),  # unclosed box, no Answer:
     ("\\boxed 5 is it", "5"),  # brace-less \boxed
     ("\\fbox{9}", "9"),
-    (f"{S}think\nthinking... \\boxed{{1}}", "\\boxed{1}"[7:-1]),  # no answer delimiter: think region used
+    (f"{S}think\nthinking... \\boxed{{1}}", "1"),  # no answer delimiter: think region used
     ("answer\nAnswer: \\boxed{x^{2}+1}", "x^{2}+1"),  # HF output with special tokens stripped
 ]
 
@@ -129,6 +129,8 @@ GPQA_TABLE = [
     ("I think it is a noble gas.", "A", None),  # never defaults to A
     ("Answer: Xenon", "A", None),
     ("Answer: E", "A", None),
+    ("Answer: the answer is a noble gas", "A", None),  # the article "a" is not the letter A
+    ("Answer: option b, I think", "B", None),  # a lowercase letter counts only on its own
 ]
 
 
@@ -213,6 +215,9 @@ def test_gpqa_shuffle_deterministic_and_gold_letter():
         assert gold_line[0] == r["answer"]
         letters.add(r["answer"])
     assert len(letters) >= 3  # the correct answer is not always in the same place
+    # the same question is shuffled the same way whether or not its source carries a Record ID
+    no_ids = [{k: v for k, v in r.items() if k != "Record ID"} for r in _gpqa_rows()]
+    assert [r["problem"] for r in normalise_gpqa_rows(no_ids, "x")] == [r["problem"] for r in rows]
 
 
 def test_local_data_precedence(tmp_path):
@@ -393,6 +398,13 @@ def test_vllm_bf_registration_keeps_builtin_models():
 
     register()
     assert "vllm_bf" in model_registry and "vllm" in model_registry and "hf" in model_registry
+
+
+def test_runner_rejects_sampling_without_temperature(tmp_path):
+    from evals.run import main
+
+    with pytest.raises(SystemExit, match="--temperature > 0"):
+        main(["--checkpoint", str(tmp_path), "--samples", "4", "--temperature", "0", "--output", str(tmp_path)])
 
 
 def test_compare_reinvocation_argv():

@@ -7,6 +7,7 @@ agree (reference strategies, resume, gradient accumulation), weights are read ba
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -44,11 +45,12 @@ def path_overrides(assets, out_dir) -> list:
             f"output_dir={out_dir}"]
 
 
-def run_recipe(assets, out_dir, *overrides, config="tiny_cpu", nproc=1, timeout=240):
-    """Run the recipe; return the parsed metric log (list of dicts, one per optimizer step)."""
+def run_recipe(assets, out_dir, *overrides, config="tiny_cpu", nproc=1, timeout=240, wrapper=None):
+    """Run the recipe (through the script ``wrapper``, if given); return the parsed metric log (one dict per step)."""
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [str(wrapper)] if wrapper is not None else []
     cmd += [str(RECIPE), "--config", str(CONFIGS / f"{config}.yaml"), *path_overrides(assets, out_dir),
             *overrides]
     proc = subprocess.run(cmd, cwd=str(Path(out_dir).parent), env=run_env(), capture_output=True, text=True,
@@ -122,6 +124,46 @@ def test_one_process_iwsft_logs_weights_and_learns(base_run):
     assert rows[-1]["weight_mean"] > 1.0 and rows[-1]["log_ratio_mean"] > 0
     assert (out / "reference_logprobs.pt").is_file()
     assert (out / "epoch_1" / "config.json").is_file()
+    for epoch in (0, 1):  # every finished save is marked complete, and the marker lists what it covers
+        marker = json.loads((out / f"epoch_{epoch}" / "CHECKPOINT_COMPLETE").read_text())
+        assert marker["epoch"] == epoch and marker["global_step"] == 3 * (epoch + 1)
+        assert {"config.json", "model-00001-of-00001.safetensors"} <= set(marker["files"])
+    state = torch.load(out / "recipe_state" / "recipe_state.pt", weights_only=True)
+    assert state["epochs_run"] == 1  # written for the intermediate epoch only
+
+
+# Runs the recipe given as argv[1] in-process, but the job dies (os._exit, no cleanup) right after the checkpointer
+# has written the first weight file of its first checkpoint.
+DIE_DURING_SAVE = """
+import os, runpy, sys
+import torchtune.training.checkpointing._checkpointer as ckpt_mod
+_save_file = ckpt_mod.save_file
+def save_file_then_die(*args, **kwargs):
+    _save_file(*args, **kwargs)
+    os._exit(17)
+ckpt_mod.save_file = save_file_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_crash_while_saving_never_leaves_a_checkpoint_that_looks_complete(base_run, tiny_assets, tmp_path):
+    out, _ = base_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)  # a finished run: recipe_state.pt names epoch_0, which is complete
+    state_before = (run / "recipe_state" / "recipe_state.pt").read_bytes()
+    wrapper = tmp_path / "die_during_save.py"
+    wrapper.write_text(DIE_DURING_SAVE)
+    # A new run into the same output_dir dies while overwriting epoch_0 (new weights, old config files).
+    with pytest.raises(AssertionError, match=r"recipe failed \(17\)"):
+        run_recipe(tiny_assets, run, "optimizer.lr=2.0e-3", wrapper=wrapper)
+    assert not (run / "epoch_0" / "CHECKPOINT_COMPLETE").exists()
+    assert (run / "epoch_0" / "model-00001-of-00001.safetensors").is_file()  # the half-written epoch is there...
+    assert (run / "epoch_1" / "CHECKPOINT_COMPLETE").is_file()
+    assert (run / "recipe_state" / "recipe_state.pt").read_bytes() == state_before
+    # ...and resume, which recipe_state.pt points at epoch_0, refuses it instead of silently mixing two runs.
+    with pytest.raises(AssertionError, match="epoch_0 has no CHECKPOINT_COMPLETE marker"):
+        run_recipe(tiny_assets, run, "resume_from_checkpoint=true")
 
 
 def test_resume_continues_the_same_loss_curve(base_run, tiny_assets, tmp_path):
@@ -223,8 +265,10 @@ def test_two_process_lora_adapters_off_saves_merged_and_adapter(tiny_assets, tmp
     rows = run_recipe(tiny_assets, out, config="tiny_cpu_lora", nproc=2)
     assert rows[0]["weight_mean"] == pytest.approx(1.0, abs=1e-5)  # adapters start at zero: q = p_ref
     assert rows[-1]["weight_mean"] != pytest.approx(1.0)
+    marker = json.loads((out / "epoch_1" / "CHECKPOINT_COMPLETE").read_text())
     for name in ("adapter_model.safetensors", "adapter_config.json", "adapter_model.pt"):
         assert (out / "epoch_1" / "adapter" / name).is_file(), name
+        assert f"adapter/{name}" in marker["files"], name  # the marker is written after the adapter is moved
     assert_hf_loads_and_generates(out / "epoch_1")
     merged, base = load_weights(out / "epoch_1"), load_weights_from_file(tiny_assets["weights"])
     assert set(merged) <= set(base)  # merged checkpoint has the base model's keys only
@@ -249,8 +293,9 @@ def test_lora_precomputed_equals_adapters_off_and_resumes(tiny_assets, tmp_path)
 
 @pytest.mark.slow
 def test_token_level_weights(tiny_assets, tmp_path):
+    # 2 processes: the token-level statistics gather a different number of tokens from each rank
     rows = run_recipe(tiny_assets, tmp_path / "run", "weighting.level=token", "weighting.clip_min=0.2",
-                      "weighting.clip_max=1.8")
+                      "weighting.clip_max=1.8", nproc=2)
     assert rows[0]["weight_mean"] == pytest.approx(1.0, abs=1e-5)
     assert all(0.2 - 1e-6 <= r["weight_min"] and r["weight_max"] <= 1.8 + 1e-6 for r in rows)
     assert rows[-1]["nll"] < rows[0]["nll"]
