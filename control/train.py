@@ -18,6 +18,11 @@ the expected loss is the same. What varies by algorithm:
 q is an EMA (decay 0.9, every step) of the trained policy and p_ref the frozen BC policy. log p_ref is cached once
 per step of the data; the per-episode log-ratios are refreshed every `refresh_every` steps over all training episodes
 (1 = exact). The weight formula, EMA, percentile levels and normalisation come from the `iwsft` core.
+
+Exact mode (`full_episodes > 0, refresh_every = 1`) does only the work the loss needs, with the same loss and gradient:
+q changes every step, so its log-ratios are recomputed only for the batch's episodes; and a batch drawn with
+replacement (256 episodes out of ~95 for iw-SFT) repeats most steps, so the policy runs once per distinct step and
+each result is copied to every draw (its gradient is then summed over the draws, exactly as if recomputed).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from control.evaluate import evaluate
 from control.policy import GaussianPolicy, NumpyPolicy
 
 ALGOS = ("bc", "filtered_bc", "sft_q", "iwsft", "iwsft_q")
+CHUNK = 4096  # rows per forward/backward chunk (and per no-grad log-prob chunk, see GaussianPolicy.log_prob_chunked)
 
 
 @dataclass
@@ -126,6 +132,7 @@ class Trainer:
         self.offsets = data.offsets
         self.lengths = lengths
         self.step_episode = offsets_to_segment_ids(torch.as_tensor(data.offsets))  # [N] episode of each step
+        self.episode_steps = [torch.arange(s, t) for s, t in zip(data.offsets[:-1], data.offsets[1:])]  # per step
 
         obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
         self.policy = GaussianPolicy(obs_dim, act_dim, cfg.hidden, cfg.layers)
@@ -143,14 +150,21 @@ class Trainer:
             self.logp_ref = ref.log_prob_chunked(self.obs, self.act)  # [N], p_ref is frozen: computed once
             self.log_ratio = torch.zeros(E)
             self.refresh()
+        # exact mode: refresh only the batch's episodes (the others would be stale again before they are used)
+        self.batch_refresh = cfg.weighted and cfg.full_episodes > 0 and cfg.refresh_every == 1
 
     # ---- importance weights
     @torch.no_grad()
-    def refresh(self) -> None:
-        """Per-episode mean log-ratio log q - log p_ref over every step of every training episode."""
-        logp_q = self.ema.module.log_prob_chunked(self.obs, self.act)
-        self.log_ratio = sequence_log_ratio(logp_q, self.logp_ref, segment_ids=self.step_episode,
-                                            num_segments=self.data.num_episodes)
+    def refresh(self, episodes: torch.Tensor | None = None) -> None:
+        """Per-episode mean log-ratio log q - log p_ref over every step of `episodes` (default: all of them)."""
+        steps = slice(None) if episodes is None else torch.cat([self.episode_steps[e] for e in episodes.tolist()])
+        logp_q = self.ema.module.log_prob_chunked(self.obs[steps], self.act[steps])
+        log_ratio = sequence_log_ratio(logp_q, self.logp_ref[steps], segment_ids=self.step_episode[steps],
+                                       num_segments=self.data.num_episodes)
+        if episodes is None:
+            self.log_ratio = log_ratio
+        else:
+            self.log_ratio[episodes] = log_ratio[episodes]
 
     def episode_weights(self) -> torch.Tensor:
         """Raw (unnormalised) importance weight of every training episode from the cached log-ratios."""
@@ -163,38 +177,50 @@ class Trainer:
         cfg = self.cfg
         if cfg.full_episodes:
             eps = self.rng.choice(len(self.lengths), size=cfg.full_episodes, p=self.episode_probs)
-            return torch.as_tensor(np.concatenate([np.arange(self.offsets[e], self.offsets[e + 1]) for e in eps]))
+            return torch.cat([self.episode_steps[e] for e in eps.tolist()])
         eps = self.rng.choice(len(self.lengths), size=cfg.batch_size, p=self.step_probs)
         within = (self.rng.random(cfg.batch_size) * self.lengths[eps]).astype(np.int64)
         return torch.as_tensor(self.offsets[eps] + within)
 
-    def loss(self, idx: torch.Tensor):
-        """(loss, normalised per-step weights or None) for the steps `idx`."""
-        logp = self.policy.log_prob(self.obs[idx], self.act[idx])
-        if not self.cfg.weighted:
-            return -logp.mean(), None
-        w = normalize_weights(self.episode_weights()[self.step_episode[idx]])  # mean 1 over the batch's steps
-        return -(w * logp).mean(), w
+    def step_coefficients(self, idx: torch.Tensor, uniq: torch.Tensor, inverse: torch.Tensor):
+        """(c, normalised per-step weights or None) with loss = −Σ_u c_u · log π(a_u|s_u) over the distinct steps
+        uniq (idx = uniq[inverse]): c_u sums w_j / len(idx) over the draws j of step u, so it equals −mean_j w_j log π_j."""
+        w = None
+        if self.cfg.weighted:
+            w = normalize_weights(self.episode_weights()[self.step_episode[idx]])  # mean 1 over the batch's steps
+        draws = torch.ones(len(idx)) if w is None else w
+        return torch.zeros(len(uniq)).index_add_(0, inverse, draws) / len(idx), w
 
     def train_step(self, idx: torch.Tensor | None = None) -> dict:
         """One gradient step on the steps `idx` (sampled if None); returns loss, the batch and its weights."""
         cfg = self.cfg
-        if cfg.weighted and self.step % cfg.refresh_every == 0 and self.step > 0:
-            self.refresh()
         idx = self.sample_batch() if idx is None else idx
-        loss, w = self.loss(idx)
+        # a batch drawn with replacement repeats steps (256 episodes out of ~95): the networks run once per distinct step
+        uniq, inverse = torch.unique(idx, return_inverse=True)
+        if cfg.weighted and self.step % cfg.refresh_every == 0 and self.step > 0:
+            self.refresh(self.step_episode[uniq].unique() if self.batch_refresh else None)
+        coef, w = self.step_coefficients(idx, uniq, inverse)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        # forward/backward in chunks of rows, accumulating gradients: the activations stay in cache (~1.5x faster on
+        # CPU for whole-episode batches); same loss and gradient up to fp32 summation order
+        for i in range(0, len(uniq), CHUNK):
+            u = uniq[i:i + CHUNK]
+            part = -(coef[i:i + CHUNK] * self.policy.log_prob(self.obs[u], self.act[u])).sum()
+            part.backward()
+            loss += part.item()
         self.opt.step()
         self.sched.step()
         if cfg.weighted:
             self.ema.update(self.policy)
         self.step += 1
-        return {"loss": loss.item(), "idx": idx, "weights": w}
+        return {"loss": loss, "idx": idx, "weights": w}
 
     def weight_summary(self) -> dict:
         if not self.cfg.weighted:
             return {}
+        if self.batch_refresh:
+            self.refresh()  # the cache of episodes outside the last batches is stale in exact mode
         w = self.episode_weights()
         return weight_stats(w, clip_min=self.cfg.clip_min, clip_max=self.cfg.clip_max, log_ratio=self.log_ratio)
 
