@@ -5,7 +5,13 @@ The weighting core in plain PyTorch (this package never imports torchtune; the t
 
 from iwsft.ema import EMA
 from iwsft.losses import ChunkedWeightedNLL, token_log_probs, weighted_nll
-from iwsft.quality import level_sampling_probs, percentile_levels, quality_weights, top_fraction_mask
+from iwsft.quality import (
+    QualitySampler,
+    level_sampling_probs,
+    percentile_levels,
+    quality_weights,
+    top_fraction_mask,
+)
 from iwsft.reference import ReferenceLogProbs, fingerprint
 from iwsft.weights import (
     WeightingConfig,
@@ -23,7 +29,7 @@ from iwsft.weights import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "EMA", "ChunkedWeightedNLL", "ReferenceLogProbs", "WeightingConfig", "fingerprint", "importance_weights",
+    "EMA", "ChunkedWeightedNLL", "QualitySampler", "ReferenceLogProbs", "WeightingConfig", "fingerprint", "importance_weights",
     "level_sampling_probs", "normalize_weights", "offsets_to_segment_ids", "percentile_levels", "quality_weights",
     "segment_ids_from_mask", "segment_sum", "sequence_log_ratio", "sequence_weights", "token_log_probs",
     "token_weights", "top_fraction_mask", "weight_stats", "weighted_nll",

@@ -77,3 +77,40 @@ def quality_weights(quality, normalize: bool = True) -> torch.Tensor:
             raise ValueError("all quality scores are 0; nothing would be trained on.")
         q = q / mean
     return q.float()
+
+
+class QualitySampler(torch.utils.data.Sampler):
+    """Distributed sampler that draws items with probability ∝ their sampling weight (SFT(Q) / iw-SFT(Q)).
+
+    Each epoch every rank draws the *same* ``num_samples`` indices with replacement (a generator seeded by
+    ``seed + epoch``) and keeps every ``num_replicas``-th one starting at ``rank``, so ranks see disjoint positions of
+    one global draw and the epoch is reproducible on resume. Items with weight 0 are never drawn.
+
+    Args:
+        weights: ``[N]`` non-negative sampling weights (e.g. quality scores, or :func:`percentile_levels`).
+        num_replicas, rank: data-parallel world size and this process's rank.
+        num_samples: draws per epoch over all ranks (default ``N``), rounded down to a multiple of ``num_replicas``.
+        seed: base seed.
+    """
+
+    def __init__(self, weights, num_replicas: int = 1, rank: int = 0, num_samples=None, seed: int = 0):
+        w = _as_float(weights, "sampling weights")
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError("sampling weights must be >= 0 with a positive sum (check the quality column).")
+        self.probs = (w / w.sum()).float()
+        total = len(w) if num_samples is None else int(num_samples)
+        self.per_rank = total // num_replicas
+        if self.per_rank < 1:
+            raise ValueError(f"{total} draws cannot be split over {num_replicas} processes.")
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        draws = torch.multinomial(self.probs, self.per_rank * self.num_replicas, replacement=True, generator=g)
+        return iter(draws[self.rank::self.num_replicas].tolist())

@@ -13,6 +13,10 @@ Features (config key → what it does):
 
 - ``method: iwsft | sft``: iw-SFT, or the plain SFT baseline on exactly the same code path (weights ≡ 1, no
   reference log-probs are computed).
+- ``quality.use: none | weight | sample`` (needs ``dataset.quality_column``, scores >= 0): quality-scored data.
+  ``weight`` multiplies each sequence's loss by ``quality / mean(quality over the data set)``; ``sample`` draws
+  rows with probability ∝ quality (``iwsft.QualitySampler``, with replacement, seeded per epoch). With
+  ``method: sft`` this is SFT(Q); with ``method: iwsft`` it is iw-SFT(Q) (the importance weight times the quality).
 - ``weighting.{level, temperature, clip_min, clip_max, normalize}`` → ``iwsft.WeightingConfig``; defaults are the
   authors' LLM settings (``sequence``, 1.0, 0, 16, false). ``level: token`` uses per-token weights (the authors'
   variant uses clip [0.2, 1.8]). ``normalize: true`` divides by the mean weight over the global micro-batch
@@ -116,6 +120,7 @@ log = utils.get_logger("INFO")
 
 METHODS = ("iwsft", "sft")
 STRATEGIES = ("precomputed", "model", "adapters_off")
+QUALITY_USES = ("none", "weight", "sample")
 DEFAULT_COLLATE = "iwsft.tune.collate.padded_collate_iwsft"
 CACHE_NAME = "reference_logprobs.pt"
 ADAPTER_SUBDIR = "adapter"  # LoRA: epoch_N/adapter/{adapter_model.safetensors, adapter_config.json, adapter_model.pt}
@@ -173,6 +178,14 @@ def validate_config(cfg: DictConfig) -> None:
     decay = (cfg.get("weighting", None) or {}).get("ema_decay", 0.9)
     if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
         errors.append(f"weighting.ema_decay={decay!r} must be a number in [0, 1].")
+    quality_use = (cfg.get("quality", None) or {}).get("use", "none")
+    if quality_use not in QUALITY_USES:
+        errors.append(f"quality.use={quality_use!r}: use one of {QUALITY_USES}.")
+    elif quality_use != "none":
+        ds_cfg = cfg.get("dataset", None)
+        if ds_cfg is None or isinstance(ds_cfg, ListConfig) or not ds_cfg.get("quality_column", None):
+            errors.append(f"quality.use={quality_use} needs a quality score per row: set dataset.quality_column "
+                          "to the name of a numeric column (>= 0).")
     device = str(cfg.get("device", "cuda"))
     if device not in ("cuda", "cpu"):
         errors.append(f"device={device!r}: use `cuda` or `cpu`.")
@@ -258,6 +271,7 @@ class IWSFTRecipeDistributed:
         self._strategy = ref.get("strategy", "precomputed")
         self._ref_batch_size = int(ref.get("batch_size", None) or cfg.batch_size)
         self._cache_path = Path(ref.get("cache_path", None) or Path(cfg.output_dir) / CACHE_NAME)
+        self._quality_use = (cfg.get("quality", None) or {}).get("use", "none")
 
         self._output_dir = Path(cfg.output_dir)
         self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
@@ -296,9 +310,17 @@ class IWSFTRecipeDistributed:
         self._dataset = config.instantiate(cfg.dataset, self._tokenizer)
         self._collate = partial(_get_component_from_path(cfg.get("collate_fn", DEFAULT_COLLATE)),
                                 padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
-        self._sampler = DistributedSampler(self._dataset, num_replicas=self.world_size, rank=self.rank,
-                                           shuffle=cfg.get("shuffle", True), seed=self.seed,
-                                           drop_last=True)
+        self._quality_mean = None
+        if self._quality_use == "sample":  # SFT(Q) / iw-SFT(Q) by sampling: rows drawn ∝ quality each epoch
+            self._sampler = iwsft.QualitySampler(self._dataset.quality, num_replicas=self.world_size,
+                                                 rank=self.rank, seed=self.seed)
+        else:
+            self._sampler = DistributedSampler(self._dataset, num_replicas=self.world_size, rank=self.rank,
+                                               shuffle=cfg.get("shuffle", True), seed=self.seed, drop_last=True)
+        if self._quality_use == "weight":  # loss weight quality / (mean quality of the data set): mean weight 1
+            self._quality_mean = float(iwsft.quality_weights(self._dataset.quality, normalize=False).mean())
+            if self._quality_mean <= 0:
+                raise ValueError("quality.use=weight: every quality score is 0, so nothing would be trained on.")
         self._dataloader = DataLoader(self._dataset, batch_size=self._batch_size, sampler=self._sampler,
                                       collate_fn=self._collate, drop_last=True)
 
@@ -620,6 +642,12 @@ class IWSFTRecipeDistributed:
                         tok_w = w
                         step_weights.append(w.detach()[mask])
                     step_logratio.append(log_ratio.detach())
+                if self._quality_mean is not None:  # quality-weighted: SFT(Q) (method=sft) or iw-SFT(Q)
+                    q_w = batch["quality"].to(token_logp.dtype) / self._quality_mean  # [B]
+                    if tok_w is not None:
+                        tok_w = tok_w * q_w.unsqueeze(1)
+                    else:
+                        seq_w = q_w if seq_w is None else seq_w * q_w
                 loss_sum, n_tok = self._loss_fn(token_logp, mask, seq_weights=seq_w, token_weights=tok_w)
                 running_loss += loss_sum.detach()
                 running_nll += -(token_logp.detach() * mask).sum()

@@ -95,6 +95,8 @@ def test_tiny_tokenizer_instantiates(tmp_path):
     ("gradient_accumulation_steps=0", "gradient_accumulation_steps"),
     ("dtype=fp16", "dtype="),
     ("optimizer_in_bwd=true", "optimizer_in_bwd"),
+    ("quality.use=weight", "set dataset.quality_column"),
+    ("quality.use=often", "quality.use="),
 ])
 def test_invalid_settings_fail_early_with_the_key_named(recipe, override, message):
     cfg = OmegaConf.merge(load("tiny_cpu"), OmegaConf.from_dotlist([override]))

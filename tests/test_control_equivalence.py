@@ -59,8 +59,10 @@ def split_episodes(idx, offsets):
     return [starts[int(j)] for j in idx if int(j) in starts]
 
 
-@pytest.mark.parametrize("algo", ["iwsft", "iwsft_q"])
-def test_fast_trainer_equals_naive_padded(algo):
+@pytest.mark.parametrize("algo,chunk", [("iwsft", 4096), ("iwsft_q", 4096), ("iwsft_q", 7)])
+def test_fast_trainer_equals_naive_padded(algo, chunk, monkeypatch):
+    # chunk=7: the forward/backward runs in many small chunks of distinct steps, gradients accumulated across them
+    monkeypatch.setattr("control.train.CHUNK", chunk)
     torch.manual_seed(0)
     data = tiny_episodes()
     cfg = TrainConfig(algo=algo, steps=6, full_episodes=5, refresh_every=1, lr=3e-3, warmup_steps=0, cosine=False,
@@ -72,12 +74,13 @@ def test_fast_trainer_equals_naive_padded(algo):
     with torch.no_grad():
         ref.log_std.fill_(-0.5)
     tr = Trainer(cfg, data, init=copy.deepcopy(init_policy.state_dict()), ref=ref)
-    saw_clip = False
+    saw_clip = repeated = False
     for _ in range(cfg.steps):
         # no explicit refresh: train_step itself must refresh the log-ratios under the current q (refresh_every=1)
         idx = tr.sample_batch()
         eps = split_episodes(idx, tr.data.offsets)
         assert sum(int(tr.lengths[e]) for e in eps) == len(idx)
+        repeated |= len(set(eps)) < len(eps)
         q = copy.deepcopy(tr.ema.module)
         naive_loss, naive_w = naive_padded(tr.policy, q, ref, tr.data, eps, cfg.temperature, cfg.clip_max)
         tr.policy.zero_grad()
@@ -98,6 +101,7 @@ def test_fast_trainer_equals_naive_padded(algo):
         assert naive_w.std() > 0  # weights are not trivially uniform
     assert tr.step == cfg.steps
     assert saw_clip, "the test should exercise the upper clip"
+    assert repeated, "the test should draw some episode twice in a batch (steps computed once, counted twice)"
 
 
 def test_cached_refresh_is_stale_between_refreshes():

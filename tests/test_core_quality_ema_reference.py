@@ -45,6 +45,30 @@ def test_quality_weights_and_errors():
         iwsft.percentile_levels([1.0, 2.0, float("nan")])
 
 
+def test_quality_sampler_ranks_split_one_global_draw():
+    weights = [5.0, 3.0, 2.0, 0.0]
+    single = list(iwsft.QualitySampler(weights, num_samples=12, seed=7))
+    ranks = [list(iwsft.QualitySampler(weights, num_replicas=2, rank=r, num_samples=12, seed=7)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 6
+    assert single[0::2] == ranks[0] and single[1::2] == ranks[1]  # disjoint positions of the same draw
+
+
+def test_quality_sampler_frequencies_epochs_and_errors():
+    sampler = iwsft.QualitySampler([5.0, 3.0, 2.0, 0.0], num_samples=20000, seed=0)
+    draws = np.array(list(sampler))
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    assert freq == pytest.approx([0.5, 0.3, 0.2, 0.0], abs=0.015)  # 3 sigma of a binomial at n=20000 is < 0.011
+    assert freq[3] == 0.0  # zero quality is never drawn
+    first = list(sampler)
+    assert list(sampler) == first  # same epoch: reproducible (resume)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    with pytest.raises(ValueError, match="positive sum"):
+        iwsft.QualitySampler([0.0, 0.0])
+    with pytest.raises(ValueError, match="split"):
+        iwsft.QualitySampler([1.0], num_replicas=2)
+
+
 # ---------------------------------------------------------------- EMA
 def test_ema_hand_computed():
     net = nn.Linear(1, 1, bias=False)

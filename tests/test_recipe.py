@@ -318,3 +318,41 @@ def test_two_process_resume_continues_the_same_loss_curve(tiny_assets, tmp_path)
     assert [r["step"] for r in new_rows] == [4, 5, 6]
     assert losses(new_rows) == pytest.approx(losses(rows[3:]), rel=1e-5)
     assert losses(new_rows, "weight_mean") == pytest.approx(losses(rows[3:], "weight_mean"), rel=1e-5)
+
+
+def test_quality_weighted_sft_matches_an_independent_computation(tiny_assets, tmp_path):
+    """SFT(Q): step 1's loss is Σ_b (q_b / mean q) · NLL_b / (label tokens), recomputed here with transformers."""
+    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from iwsft.tune.datasets import s1k_dataset
+
+    rows = run_recipe(tiny_assets, tmp_path / "run", "method=sft", "quality.use=weight",
+                      "dataset.quality_column=quality", "shuffle=false", "epochs=1", "max_steps_per_epoch=1")
+    ckpt = Path(tiny_assets["checkpoint_dir"])
+    tok = qwen2_5_tokenizer(path=str(ckpt / "vocab.json"), merges_file=str(ckpt / "merges.txt"),
+                            special_tokens_path=str(ckpt / "tokenizer.json"), max_seq_len=512)
+    ds = s1k_dataset(tok, source="json", data_files=tiny_assets["data"], quality_column="quality")
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), torch_dtype=torch.float32)
+    weighted = plain = tokens = 0.0
+    for i in range(2):  # shuffle=false, one process, batch_size 2: the first batch is rows 0 and 1
+        sample = ds[i]
+        ids = torch.tensor(sample["tokens"]).unsqueeze(0)
+        target = torch.tensor(sample["labels"])[1:]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        keep = target != -100
+        nll = -logp[keep].gather(1, target[keep].unsqueeze(1)).sum().item()
+        weighted += sample["quality"] / float(ds.quality.mean()) * nll
+        plain += nll
+        tokens += keep.sum().item()
+    assert rows[0]["nll"] == pytest.approx(plain / tokens, rel=1e-4)
+    assert rows[0]["loss"] == pytest.approx(weighted / tokens, rel=1e-4)
+    assert abs(rows[0]["loss"] - rows[0]["nll"]) > 1e-3  # the quality weights really changed the loss
+
+
+def test_quality_sampling_iwsft_runs_and_weights_start_at_one(tiny_assets, tmp_path):
+    rows = run_recipe(tiny_assets, tmp_path / "run", "quality.use=sample", "dataset.quality_column=quality",
+                      "epochs=1", "max_steps_per_epoch=2")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["weight_mean"] == pytest.approx(1.0, abs=1e-5)  # iw-SFT(Q): q = p_ref at the first step
