@@ -184,6 +184,10 @@ def summarize(records: List[Dict[str, Any]], warmup_steps: int, *, n_params: int
     return out
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%" if x >= 1e-3 else f"{100 * x:.2g}%"
+
+
 def markdown_table(rows: List[Dict[str, Any]], baseline: str = "sft") -> str:
     """One line per variant; failed or skipped variants show their reason."""
     base = next((r for r in rows if r["variant"] == baseline and r.get("tokens_per_s_per_gpu")), None)
@@ -264,7 +268,7 @@ _FILLER = " We need to compute the value. Let me check the answer again, step by
 
 
 def _row(i: int, repeats: int) -> Dict[str, str]:
-    a, b = 100 + (37 * i) % 900, 100 + (91 * i) % 900  # 3 digits each: the same token count on every row
+    a, b = 500 + (37 * i) % 500, 500 + (91 * i) % 500  # 3 + 3 -> 4 digits: the same token count on every row
     return {
         "question": f"What is {a} + {b}? Give the sum as an integer.",
         "deepseek_thinking_trajectory": f"We need {a} + {b}." + _FILLER * repeats,
@@ -507,7 +511,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 device="cuda" if args.device == "cuda" else "cpu")
     assert n_params == count_params(shape), (n_params, count_params(shape))
     data = write_data(work / "data", model_dir, args.seq_len, rows)
-    print(f"assets in {time.perf_counter() - t0:.1f}s: {args.shape} model, {n_params / 1e9:.3f}B params; "
+    print(f"assets in {time.perf_counter() - t0:.1f}s: {args.shape} model, {n_params / 1e6:,.1f}M params; "
           f"{rows} rows of {data['iwsft']['mean_seq_len']:.0f} tokens "
           f"(labels/row: iwsft {data['iwsft']['label_tokens'] / rows:.0f}, "
           f"torchtune {data['torchtune']['label_tokens'] / rows:.0f})", flush=True)
@@ -518,11 +522,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         recipe, _ = VARIANTS[variant]
         res: Dict[str, Any] = {"variant": variant, "recipe": recipe}
         results.append(res)
-        if recipe == "full_finetune_distributed" and args.device == "cpu":
-            res.update(status="skipped", reason="torchtune 0.6.1's full_finetune_distributed does not run on CPU "
-                       "(unconditional get_memory_stats and torch.cpu.empty_cache; REFERENCE §3)")
-            print(f"\n=== {variant}: skipped: {res['reason']}", flush=True)
-            continue
         run_dir = work / "runs" / variant
         shutil.rmtree(run_dir, ignore_errors=True)
         recipe, cfg = make_config(variant, args, args.shape, model_dir, data, run_dir)
@@ -530,6 +529,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, cfg_path)
         log_path = out / f"{variant}.log"
+        if recipe == "full_finetune_distributed" and args.device == "cpu":
+            # Still check the wiring: `tune validate` binds every _component_ of the config to its signature.
+            check = subprocess.run([*tune, "validate", str(cfg_path)], capture_output=True, text=True)
+            log_path.write_text(check.stdout + check.stderr)
+            verdict = "config valid" if check.returncode == 0 else f"config INVALID (see {log_path.name})"
+            res.update(config=str(cfg_path), status="skipped" if check.returncode == 0 else "failed",
+                       reason="torchtune 0.6.1's full_finetune_distributed does not run on CPU (unconditional "
+                       f"get_memory_stats and torch.cpu.empty_cache; REFERENCE §3); tune validate: {verdict}")
+            print(f"\n=== {variant}: {res['status']}: {res['reason']}", flush=True)
+            continue
         rc, wall = run_variant(variant, cfg_path, recipe, run_dir, log_path, args, tune)
         res.update(config=str(cfg_path), wall_s=round(wall, 1), exit=rc)
         logs = sorted((run_dir / "logs").glob("log_*.txt"), key=lambda p: p.stat().st_mtime)
@@ -554,7 +563,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         tokens_per_step = stats["input_tokens"] / args.steps / args.nproc
         res["step_s"] = tokens_per_step / res["tokens_per_s_per_gpu"]
 
-    header = (f"{args.shape} Qwen2.5-shaped model ({n_params / 1e9:.3f}B params, random weights), {args.dtype}, "
+    header = (f"{args.shape} Qwen2.5-shaped model ({n_params / 1e6:,.1f}M params, random weights), {args.dtype}, "
               f"device {args.device} x{args.nproc}, {data['iwsft']['mean_seq_len']:.0f} tokens/row, "
               f"batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps "
               f"({args.warmup_steps} warm-up dropped), activation checkpointing "

@@ -16,6 +16,7 @@ from iwsft.reference import ReferenceLogProbs, fingerprint
 from iwsft.weights import (
     WeightingConfig,
     importance_weights,
+    normalize_log_weights,
     normalize_weights,
     offsets_to_segment_ids,
     segment_ids_from_mask,
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EMA", "ChunkedWeightedNLL", "QualitySampler", "ReferenceLogProbs", "WeightingConfig", "fingerprint", "importance_weights",
-    "level_sampling_probs", "normalize_weights", "offsets_to_segment_ids", "percentile_levels", "quality_weights",
+    "level_sampling_probs", "normalize_log_weights", "normalize_weights", "offsets_to_segment_ids", "percentile_levels", "quality_weights",
     "segment_ids_from_mask", "segment_sum", "sequence_log_ratio", "sequence_weights", "token_log_probs",
     "token_weights", "top_fraction_mask", "weight_stats", "weighted_nll",
 ]

@@ -106,7 +106,10 @@ class ReferenceLogProbs:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            torch.save(self.state_dict(), tmp)
+            with open(tmp, "wb") as f:
+                torch.save(self.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -23,7 +23,9 @@ from typing import Optional
 
 import torch
 
-from iwsft.distributed import all_reduce_sum
+import torch.distributed as dist
+
+from iwsft.distributed import all_reduce_sum, is_dist
 
 LEVELS = ("sequence", "token")
 
@@ -130,11 +132,16 @@ def sequence_log_ratio(logp_q, logp_ref, mask=None, segment_ids=None, num_segmen
     return _segment_mean_diff(logp_q, logp_ref, mask, segment_ids, num_segments)[0]
 
 
-def _clipped_exp(log_w: torch.Tensor, clip_min, clip_max) -> torch.Tensor:
-    """``clip(exp(log_w), clip_min, clip_max)`` evaluated as ``exp(clamp(log_w, log clip_min, log clip_max))``."""
+def _clipped_log(log_w: torch.Tensor, clip_min, clip_max) -> torch.Tensor:
+    """``log clip(exp(log_w), clip_min, clip_max)`` = ``clamp(log_w, log clip_min, log clip_max)``."""
     lo = math.log(clip_min) if clip_min else None  # clip_min of 0 or None: exp() is already >= 0
     hi = math.log(clip_max) if clip_max is not None else None
-    return log_w.clamp(min=lo, max=hi).exp() if (lo is not None or hi is not None) else log_w.exp()
+    return log_w.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else log_w
+
+
+def _clipped_exp(log_w: torch.Tensor, clip_min, clip_max) -> torch.Tensor:
+    """``clip(exp(log_w), clip_min, clip_max)`` evaluated as ``exp(clamp(log_w, log clip_min, log clip_max))``."""
+    return _clipped_log(log_w, clip_min, clip_max).exp()
 
 
 @torch.no_grad()
@@ -168,6 +175,26 @@ def normalize_weights(weights: torch.Tensor, valid: Optional[torch.Tensor] = Non
     all_reduce_sum(totals, group=group)  # one collective for both numbers
     mean = totals[0] / totals[1].clamp_min(1)
     return torch.where(mean > 0, w / mean.clamp_min(torch.finfo(w.dtype).tiny), w)
+
+
+@torch.no_grad()
+def normalize_log_weights(log_weights: torch.Tensor, valid: Optional[torch.Tensor] = None, group=None) -> torch.Tensor:
+    """:func:`normalize_weights` of ``exp(log_weights)``, computed without underflow.
+
+    Normalisation is scale-free, so the weights are shifted by their global maximum (all-reduced) before ``exp``:
+    a batch whose every weight would underflow to 0 (e.g. temperature 10 and log-ratios of -80) still gets the
+    correct relative weights instead of a silent all-zero step.
+    """
+    lw = log_weights.detach().float()
+    valid = torch.ones_like(lw, dtype=torch.bool) if valid is None else valid.bool()
+    neg_inf = torch.full((), float("-inf"), device=lw.device)
+    top = torch.where(valid, lw, neg_inf).max() if lw.numel() else neg_inf
+    if is_dist():
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    if not torch.isfinite(top):  # nothing valid anywhere (or every weight is exactly 0): leave the zeros alone
+        return torch.where(valid, lw.exp(), torch.zeros((), device=lw.device))
+    w = torch.where(valid, (lw - top).exp(), torch.zeros((), device=lw.device))
+    return normalize_weights(w, valid, group=group)
 
 
 @torch.no_grad()
@@ -213,14 +240,20 @@ def importance_weights(logp_q: torch.Tensor, logp_ref: torch.Tensor, cfg: Weight
     """
     log_ratio, counts = _segment_mean_diff(logp_q, logp_ref, mask, segment_ids, num_segments)
     if cfg.level == "sequence":
-        w = sequence_weights(log_ratio, cfg.temperature, cfg.clip_min, cfg.clip_max)
         valid = counts > 0
+        log_w = _clipped_log(cfg.temperature * log_ratio, cfg.clip_min, cfg.clip_max)  # [S]
     else:
         if segment_ids is not None:
             valid = segment_ids >= 0
         else:
             valid = torch.ones_like(logp_q, dtype=torch.bool) if mask is None else mask.bool()
-        w = token_weights(logp_q, logp_ref, valid, cfg.temperature, cfg.clip_min, cfg.clip_max)
+        diff = torch.where(valid, logp_q.detach().float() - logp_ref.detach().float(),
+                           torch.zeros((), device=logp_q.device))
+        log_w = _clipped_log(cfg.temperature * diff, cfg.clip_min, cfg.clip_max)  # [B, T]
     if cfg.normalize:
-        w = normalize_weights(w, valid, group=group)
+        w = normalize_log_weights(log_w, valid, group=group)
+    else:
+        w = log_w.exp()
+    if cfg.level == "token":
+        w = torch.where(valid, w, torch.zeros((), device=w.device))
     return w, log_ratio

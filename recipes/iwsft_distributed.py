@@ -511,8 +511,8 @@ class IWSFTRecipeDistributed:
         ckpt_dir = Path(ck.checkpoint_dir).resolve()
         stats = []
         for f in files:
-            p = ckpt_dir / f
-            stats.append([str(f), p.stat().st_size if p.exists() else None])
+            st = (ckpt_dir / f).stat() if (ckpt_dir / f).exists() else None  # size + mtime: cheap, unlike hashing
+            stats.append([str(f), st and st.st_size, st and st.st_mtime_ns])  # 65 GB of weights
         parts = {
             "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
             "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),

@@ -193,3 +193,30 @@ def test_normalize_weights_across_ranks(tmp_path):
     for r, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, out
         assert f"ok {r}" in out
+
+
+def test_normalised_weights_survive_underflow():
+    """temperature 10 · log-ratio -100 underflows exp() to 0 in fp32; normalisation must still give the right ratios."""
+    lq = torch.tensor([[-100.0, -100.0], [-101.0, -101.0], [0.0, 0.0]])
+    lr = torch.zeros(3, 2)
+    mask = torch.tensor([[True, True], [True, True], [False, False]])
+    w, _ = iwsft.importance_weights(lq, lr, WeightingConfig.control(), mask=mask)
+    # naive in float64 with the shift written out: w_i ∝ exp(10 · ratio_i) over the two non-empty sequences
+    raw = torch.tensor([math.exp(0.0), math.exp(-10.0)], dtype=torch.float64)
+    expected = raw / raw.mean()
+    torch.testing.assert_close(w[:2].double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(w).all()
+    # the plain path agrees with the log-space path whenever nothing underflows
+    lq2, lr2, mask2 = random_batch(seed=5)
+    w_log, _ = iwsft.importance_weights(lq2, lr2, WeightingConfig.control(temperature=1.0), mask=mask2)
+    nonempty = mask2.any(1)
+    w_raw = iwsft.normalize_weights(naive_sequence_weights(lq2, lr2, mask2, 1.0, 0.0, 1000.0), nonempty)
+    torch.testing.assert_close(w_log[nonempty], w_raw[nonempty], rtol=1e-5, atol=1e-6)
+    assert (w_log[~nonempty] == 0).all()  # empty sequences carry no loss and get weight 0
+
+
+def test_token_level_normalised_weights_match_naive():
+    lq, lr, mask = random_batch(seed=6)
+    w, _ = iwsft.importance_weights(lq, lr, WeightingConfig.llm_token(normalize=True), mask=mask)
+    raw = torch.where(mask, (lq - lr).exp().clamp(0.2, 1.8), torch.zeros(()))
+    torch.testing.assert_close(w, raw / raw[mask].mean(), rtol=1e-5, atol=1e-6)
