@@ -5,7 +5,8 @@
 
 Speed: one iw-SFT gradient step three ways on Hopper medium-replay, all from the same BC init and p_ref:
   naive   the authors' layout: B whole episodes padded to the longest, policy/q/p_ref forwards on [B, T]
-  exact   our trainer with whole episodes (flat, no padding) and the log-ratio cache refreshed every step
+  exact   our trainer with whole episodes (flat, no padding), log-ratios refreshed every step for the batch's
+          episodes, policy and q run once per distinct step of the batch (same loss and gradient)
   fast    our trainer's default: sampled steps, per-episode log-ratios refreshed every N steps
 naive and exact are first checked to give the same loss on the same batch.
 """

@@ -109,7 +109,7 @@ def mfu(tokens_per_s: float, flops_per_tok: float, peak_tflops: float) -> float:
 
 
 _KEY = re.compile(r"(?:^|\s)([A-Za-z_][\w./-]*):")
-_TENSOR = re.compile(r"^(?:D?Tensor|tensor)\(\s*([^,\s)]+)")
+_TENSOR = re.compile(r"^tensor\(\s*([^,\s)]+)")
 
 
 def _value(text: str):
@@ -195,7 +195,7 @@ def markdown_table(rows: List[Dict[str, Any]], baseline: str = "sft") -> str:
     def gib(x):
         return "–" if x is None else f"{x:.1f}"
 
-    lines = ["| variant | recipe | tokens/s/GPU | label tok/s/GPU | step s | vs sft | peak active GiB | "
+    lines = ["| variant | recipe | tokens/s/GPU | label tok/s/GPU | step s | step time vs sft | peak active GiB | "
              "peak alloc GiB | peak reserved GiB | MFU (6N) | MFU (6N+attn) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -203,12 +203,12 @@ def markdown_table(rows: List[Dict[str, Any]], baseline: str = "sft") -> str:
             lines.append(f"| {r['variant']} | {r['recipe']} | {r.get('status', 'failed')}: "
                          f"{r.get('reason', '')} |||||||||")
             continue
-        rel = f"{base['tokens_per_s_per_gpu'] / r['tokens_per_s_per_gpu']:.2f}× time" if base else "–"
+        rel = f"{base['tokens_per_s_per_gpu'] / r['tokens_per_s_per_gpu']:.2f}×" if base else "–"
         lines.append(
             f"| {r['variant']} | {r['recipe']} | {r['tokens_per_s_per_gpu']:,.0f} | "
             f"{r['label_tokens_per_s_per_gpu']:,.0f} | {r['step_s']:.3f} | {rel} | {gib(r['peak_memory_active'])} | "
-            f"{gib(r['peak_memory_alloc'])} | {gib(r['peak_memory_reserved'])} | {100 * r['mfu']:.1f}% | "
-            f"{100 * r['mfu_with_attention']:.1f}% |")
+            f"{gib(r['peak_memory_alloc'])} | {gib(r['peak_memory_reserved'])} | {_pct(r['mfu'])} | "
+            f"{_pct(r['mfu_with_attention'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -233,19 +233,26 @@ def write_checkpoint(model_dir: Path, shape: Dict[str, Any], tiny_model_dir: Pat
     def rand(*size):
         return (torch.randn(*size, generator=gen, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
 
-    sd = {"model.embed_tokens.weight": rand(v, d), "model.norm.weight": torch.ones(d, dtype=torch.bfloat16)}
+    def ones(n):
+        return torch.ones(n, dtype=torch.bfloat16)
+
+    def zeros(n):
+        return torch.zeros(n, dtype=torch.bfloat16)
+
+    sd = {"model.embed_tokens.weight": rand(v, d), "model.norm.weight": ones(d)}
     if not shape["tie_word_embeddings"]:
         sd["lm_head.weight"] = rand(v, d)
     for i in range(shape["num_layers"]):
         p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.q_proj.bias"] = rand(d, d), torch.zeros(d, dtype=torch.bfloat16)
-        sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.k_proj.bias"] = rand(kv, d), torch.zeros(kv, dtype=torch.bfloat16)
-        sd[p + "self_attn.v_proj.weight"], sd[p + "self_attn.v_proj.bias"] = rand(kv, d), torch.zeros(kv, dtype=torch.bfloat16)
-        sd[p + "self_attn.o_proj.weight"] = rand(d, d)
-        sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"] = rand(f_dim, d), rand(f_dim, d)
-        sd[p + "mlp.down_proj.weight"] = rand(d, f_dim)
-        sd[p + "input_layernorm.weight"] = torch.ones(d, dtype=torch.bfloat16)
-        sd[p + "post_attention_layernorm.weight"] = torch.ones(d, dtype=torch.bfloat16)
+        sd.update({
+            p + "self_attn.q_proj.weight": rand(d, d), p + "self_attn.q_proj.bias": zeros(d),
+            p + "self_attn.k_proj.weight": rand(kv, d), p + "self_attn.k_proj.bias": zeros(kv),
+            p + "self_attn.v_proj.weight": rand(kv, d), p + "self_attn.v_proj.bias": zeros(kv),
+            p + "self_attn.o_proj.weight": rand(d, d),
+            p + "mlp.gate_proj.weight": rand(f_dim, d), p + "mlp.up_proj.weight": rand(f_dim, d),
+            p + "mlp.down_proj.weight": rand(d, f_dim),
+            p + "input_layernorm.weight": ones(d), p + "post_attention_layernorm.weight": ones(d),
+        })
     save_file(sd, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
     n_params = sum(t.numel() for t in sd.values())
 
@@ -414,7 +421,7 @@ def tune_command() -> List[str]:
     its ``.pth`` hook), else this script's ``--tune-cli`` mode, which registers it and calls the same entry point."""
     probe = ("import torchtune._recipe_registry as r; "
              "print(any(x.name == 'iwsft_distributed' for x in r.get_all_recipes()))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=_env())
     if out.stdout.strip().endswith("True"):
         return [sys.executable, "-m", "torchtune._cli.tune"]
     return [sys.executable, str(Path(__file__).resolve()), "--tune-cli"]
@@ -432,10 +439,15 @@ def tune_cli(argv: List[str]) -> None:
     tune_main()
 
 
+def _env() -> Dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(REPO)) if p)
+    return env
+
+
 def run_variant(variant: str, cfg_path: Path, recipe: str, run_dir: Path, log_path: Path, args, tune: List[str]):
     cmd = [*tune, "run", "--nproc_per_node", str(args.nproc), recipe, "--config", str(cfg_path)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env = _env()
     print(f"\n=== {variant}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -481,6 +493,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per variant")
     ap.add_argument("--out", required=True, help="results: table.md, results.json, <variant>.log")
     ap.add_argument("--work", default=None, help="model, data, configs and run dirs (default: OUT/work)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="build the assets and configs and `tune validate` them, but train nothing")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep each run's epoch_*/ checkpoint")
     args = ap.parse_args(argv)
     if args.steps <= args.warmup_steps:
@@ -507,8 +521,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.perf_counter()
     tiny = build_tiny_assets(work / "tiny_assets")
     model_dir = work / f"model_{args.shape}"
+    import torch
+
     n_params = write_checkpoint(model_dir, shape, Path(tiny["model_dir"]),
-                                device="cuda" if args.device == "cuda" else "cpu")
+                                device="cuda" if args.device == "cuda" and torch.cuda.is_available() else "cpu")
     assert n_params == count_params(shape), (n_params, count_params(shape))
     data = write_data(work / "data", model_dir, args.seq_len, rows)
     print(f"assets in {time.perf_counter() - t0:.1f}s: {args.shape} model, {n_params / 1e6:,.1f}M params; "
@@ -529,14 +545,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, cfg_path)
         log_path = out / f"{variant}.log"
-        if recipe == "full_finetune_distributed" and args.device == "cpu":
-            # Still check the wiring: `tune validate` binds every _component_ of the config to its signature.
-            check = subprocess.run([*tune, "validate", str(cfg_path)], capture_output=True, text=True)
+        cpu_stock = recipe == "full_finetune_distributed" and args.device == "cpu"
+        if cpu_stock or args.dry_run:
+            # No training; still check the wiring: `tune validate` binds every _component_ to its signature.
+            check = subprocess.run([*tune, "validate", str(cfg_path)], capture_output=True, text=True,
+                                   env=_env())
             log_path.write_text(check.stdout + check.stderr)
             verdict = "config valid" if check.returncode == 0 else f"config INVALID (see {log_path.name})"
+            why = ("torchtune 0.6.1's full_finetune_distributed does not run on CPU (unconditional "
+                   "get_memory_stats and torch.cpu.empty_cache; REFERENCE §3)" if cpu_stock else "--dry-run")
             res.update(config=str(cfg_path), status="skipped" if check.returncode == 0 else "failed",
-                       reason="torchtune 0.6.1's full_finetune_distributed does not run on CPU (unconditional "
-                       f"get_memory_stats and torch.cpu.empty_cache; REFERENCE §3); tune validate: {verdict}")
+                       reason=f"{why}; tune validate: {verdict}")
             print(f"\n=== {variant}: {res['status']}: {res['reason']}", flush=True)
             continue
         rc, wall = run_variant(variant, cfg_path, recipe, run_dir, log_path, args, tune)
@@ -572,8 +591,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     table = markdown_table(results)
     device_name = None
     if args.device == "cuda":
-        import torch
-
         device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     (out / "table.md").write_text(f"{header}{'; GPU: ' + device_name if device_name else ''}\n\n{table}")
     (out / "results.json").write_text(json.dumps({

@@ -183,8 +183,9 @@ class Trainer:
         return torch.as_tensor(self.offsets[eps] + within)
 
     def step_coefficients(self, idx: torch.Tensor, uniq: torch.Tensor, inverse: torch.Tensor):
-        """(c, normalised per-step weights or None) with loss = −Σ_u c_u · log π(a_u|s_u) over the distinct steps
-        uniq (idx = uniq[inverse]): c_u sums w_j / len(idx) over the draws j of step u, so it equals −mean_j w_j log π_j."""
+        """(c, normalised per-step weights or None) such that loss = −Σ_u c_u · log π(a_u|s_u) over the distinct
+        steps uniq (idx = uniq[inverse]): c_u sums w_j / len(idx) over the draws j of step u, so the loss is
+        −mean_j w_j log π(a_j|s_j) over the batch, as before, with each distinct step computed once."""
         w = None
         if self.cfg.weighted:
             w = normalize_weights(self.episode_weights()[self.step_episode[idx]])  # mean 1 over the batch's steps
@@ -195,7 +196,7 @@ class Trainer:
         """One gradient step on the steps `idx` (sampled if None); returns loss, the batch and its weights."""
         cfg = self.cfg
         idx = self.sample_batch() if idx is None else idx
-        # a batch drawn with replacement repeats steps (256 episodes out of ~95): the networks run once per distinct step
+        # a batch drawn with replacement repeats steps (256 episodes from ~95): networks run once per distinct step
         uniq, inverse = torch.unique(idx, return_inverse=True)
         if cfg.weighted and self.step % cfg.refresh_every == 0 and self.step > 0:
             self.refresh(self.step_episode[uniq].unique() if self.batch_refresh else None)

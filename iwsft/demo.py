@@ -236,6 +236,9 @@ def run_demo(
         stats = {k: v for k, v in last.items() if k.startswith("weight_") or k.startswith("log_ratio")}
         if stats:
             print("  weights (last step): " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(stats.items())))
+            if stats.get("weight_clip_hi", 0.0) > 0.5:
+                print("  (most weights sit at clip_max: a random model moves several nats per token away from its "
+                      "start, so exp(mean log q/p_ref) is large; fine-tuning a pretrained model moves far less)")
     print(f"  answer NLL per token, first 32 training rows, via transformers: {nll_before:.4f} (start model) -> "
           f"{nll_after:.4f} (saved checkpoint)")
     print(f"  prompt: {question!r}")
