@@ -301,6 +301,12 @@ class IWSFTRecipeDistributed:
             training.load_from_full_optimizer_state_dict(self._model, self._optimizer, ckpt_dict[training.OPT_KEY],
                                                          self._device)
             self._restore_recipe_state(ckpt_dict)
+        elif self._is_rank_zero and (self._output_dir / RECIPE_STATE).is_file():
+            # A fresh run in an output_dir that holds another run's resume state: set that state aside (renamed,
+            # not deleted) so that resuming after a crash of *this* run can never continue the other one.
+            previous = (self._output_dir / RECIPE_STATE).with_suffix(".pt.previous_run")
+            os.replace(self._output_dir / RECIPE_STATE, previous)
+            log.warning(f"resume_from_checkpoint=false: moved an earlier run's resume state to {previous}.")
 
         self._loss_fn = config.instantiate(cfg.get("loss", None) or {"_component_": "iwsft.ChunkedWeightedNLL"})
         self._ignore_index = getattr(self._loss_fn, "ignore_index", IGNORE_INDEX)

@@ -160,8 +160,13 @@ def test_crash_while_saving_never_leaves_a_checkpoint_that_looks_complete(base_r
     assert not (run / "epoch_0" / "CHECKPOINT_COMPLETE").exists()
     assert (run / "epoch_0" / "model-00001-of-00001.safetensors").is_file()  # the half-written epoch is there...
     assert (run / "epoch_1" / "CHECKPOINT_COMPLETE").is_file()
-    assert (run / "recipe_state" / "recipe_state.pt").read_bytes() == state_before
-    # ...and resume, which recipe_state.pt points at epoch_0, refuses it instead of silently mixing two runs.
+    # ...the fresh run set the earlier run's resume state aside (renamed, not lost), so resume cannot continue it...
+    assert not (run / "recipe_state" / "recipe_state.pt").exists()
+    assert (run / "recipe_state" / "recipe_state.pt.previous_run").read_bytes() == state_before
+    with pytest.raises(AssertionError, match="recipe_state.pt does not exist"):
+        run_recipe(tiny_assets, run, "resume_from_checkpoint=true")
+    # ...and even with that state put back by hand (it names epoch_0), resume refuses the half-written epoch.
+    os.replace(run / "recipe_state" / "recipe_state.pt.previous_run", run / "recipe_state" / "recipe_state.pt")
     with pytest.raises(AssertionError, match="epoch_0 has no CHECKPOINT_COMPLETE marker"):
         run_recipe(tiny_assets, run, "resume_from_checkpoint=true")
 
