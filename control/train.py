@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from iwsft import (EMA, WeightingConfig, level_sampling_probs, normalize_weights, offsets_to_segment_ids,
-                   percentile_levels, sequence_log_ratio, sequence_weights, top_fraction_mask, weight_stats)
+from iwsft import (EMA, WeightingConfig, level_sampling_probs, normalize_log_weights, offsets_to_segment_ids,
+                   percentile_levels, sequence_log_ratio, sequence_log_weights, top_fraction_mask, weight_stats)
 from control.episodes import Episodes
 from control.evaluate import evaluate
 from control.policy import GaussianPolicy, NumpyPolicy
@@ -166,10 +166,14 @@ class Trainer:
         else:
             self.log_ratio[episodes] = log_ratio[episodes]
 
+    def episode_log_weights(self) -> torch.Tensor:
+        """Log of the raw (unnormalised, clipped) importance weight of every training episode (cached log-ratios)."""
+        w = self.cfg.weighting
+        return sequence_log_weights(self.log_ratio, w.temperature, w.clip_min, w.clip_max)
+
     def episode_weights(self) -> torch.Tensor:
         """Raw (unnormalised) importance weight of every training episode from the cached log-ratios."""
-        w = self.cfg.weighting
-        return sequence_weights(self.log_ratio, w.temperature, w.clip_min, w.clip_max)
+        return self.episode_log_weights().exp()
 
     # ---- batches
     def sample_batch(self) -> torch.Tensor:
@@ -188,7 +192,8 @@ class Trainer:
         −mean_j w_j log π(a_j|s_j) over the batch, as before, with each distinct step computed once."""
         w = None
         if self.cfg.weighted:
-            w = normalize_weights(self.episode_weights()[self.step_episode[idx]])  # mean 1 over the batch's steps
+            # mean 1 over the batch's steps; normalised in log space, so temperature 10 cannot underflow to 0
+            w = normalize_log_weights(self.episode_log_weights()[self.step_episode[idx]])
         draws = torch.ones(len(idx)) if w is None else w
         return torch.zeros(len(uniq)).index_add_(0, inverse, draws) / len(idx), w
 

@@ -22,6 +22,7 @@ from iwsft.weights import (
     segment_ids_from_mask,
     segment_sum,
     sequence_log_ratio,
+    sequence_log_weights,
     sequence_weights,
     token_weights,
     weight_stats,
@@ -32,6 +33,6 @@ __version__ = "0.1.0"
 __all__ = [
     "EMA", "ChunkedWeightedNLL", "QualitySampler", "ReferenceLogProbs", "WeightingConfig", "fingerprint", "importance_weights",
     "level_sampling_probs", "normalize_log_weights", "normalize_weights", "offsets_to_segment_ids", "percentile_levels", "quality_weights",
-    "segment_ids_from_mask", "segment_sum", "sequence_log_ratio", "sequence_weights", "token_log_probs",
+    "segment_ids_from_mask", "segment_sum", "sequence_log_ratio", "sequence_log_weights", "sequence_weights", "token_log_probs",
     "token_weights", "top_fraction_mask", "weight_stats", "weighted_nll",
 ]

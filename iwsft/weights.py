@@ -145,10 +145,18 @@ def _clipped_exp(log_w: torch.Tensor, clip_min, clip_max) -> torch.Tensor:
 
 
 @torch.no_grad()
+def sequence_log_weights(log_ratio: torch.Tensor, temperature: float = 1.0, clip_min: Optional[float] = 0.0,
+                         clip_max: Optional[float] = 16.0) -> torch.Tensor:
+    """``log clip(exp(temperature · log_ratio), clip_min, clip_max)`` (fp32): the weights before ``exp``, for
+    :func:`normalize_log_weights` (which then cannot underflow)."""
+    return _clipped_log(temperature * log_ratio.detach().float(), clip_min, clip_max)
+
+
+@torch.no_grad()
 def sequence_weights(log_ratio: torch.Tensor, temperature: float = 1.0, clip_min: Optional[float] = 0.0,
                      clip_max: Optional[float] = 16.0) -> torch.Tensor:
     """``clip(exp(temperature · log_ratio), clip_min, clip_max)`` → same shape as ``log_ratio`` (fp32)."""
-    return _clipped_exp(temperature * log_ratio.detach().float(), clip_min, clip_max)
+    return sequence_log_weights(log_ratio, temperature, clip_min, clip_max).exp()
 
 
 @torch.no_grad()
@@ -241,7 +249,7 @@ def importance_weights(logp_q: torch.Tensor, logp_ref: torch.Tensor, cfg: Weight
     log_ratio, counts = _segment_mean_diff(logp_q, logp_ref, mask, segment_ids, num_segments)
     if cfg.level == "sequence":
         valid = counts > 0
-        log_w = _clipped_log(cfg.temperature * log_ratio, cfg.clip_min, cfg.clip_max)  # [S]
+        log_w = sequence_log_weights(log_ratio, cfg.temperature, cfg.clip_min, cfg.clip_max)  # [S]
     else:
         if segment_ids is not None:
             valid = segment_ids >= 0
