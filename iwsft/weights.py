@@ -139,11 +139,6 @@ def _clipped_log(log_w: torch.Tensor, clip_min, clip_max) -> torch.Tensor:
     return log_w.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else log_w
 
 
-def _clipped_exp(log_w: torch.Tensor, clip_min, clip_max) -> torch.Tensor:
-    """``clip(exp(log_w), clip_min, clip_max)`` evaluated as ``exp(clamp(log_w, log clip_min, log clip_max))``."""
-    return _clipped_log(log_w, clip_min, clip_max).exp()
-
-
 @torch.no_grad()
 def sequence_log_weights(log_ratio: torch.Tensor, temperature: float = 1.0, clip_min: Optional[float] = 0.0,
                          clip_max: Optional[float] = 16.0) -> torch.Tensor:
@@ -163,11 +158,16 @@ def sequence_weights(log_ratio: torch.Tensor, temperature: float = 1.0, clip_min
 def token_weights(logp_q, logp_ref, mask=None, temperature: float = 1.0, clip_min: Optional[float] = 0.2,
                   clip_max: Optional[float] = 1.8) -> torch.Tensor:
     """Per-token ``clip(exp(temperature · (log q − log p_ref)), clip_min, clip_max)`` → ``[B, T]``; 0 off-mask."""
-    diff = logp_q.detach().float() - logp_ref.detach().float()
-    valid = torch.ones_like(diff, dtype=torch.bool) if mask is None else mask.bool()
-    diff = torch.where(valid, diff, torch.zeros((), device=diff.device))
-    w = _clipped_exp(temperature * diff, clip_min, clip_max)
+    valid = torch.ones_like(logp_q, dtype=torch.bool) if mask is None else mask.bool()
+    w = _token_log_weights(logp_q, logp_ref, valid, temperature, clip_min, clip_max).exp()
     return torch.where(valid, w, torch.zeros((), device=w.device))
+
+
+def _token_log_weights(logp_q, logp_ref, valid, temperature, clip_min, clip_max) -> torch.Tensor:
+    """Per-token clipped log-weights ``[B, T]`` (0 off ``valid``, so padding's ±inf never reaches ``exp``)."""
+    diff = logp_q.detach().float() - logp_ref.detach().float()
+    diff = torch.where(valid, diff, torch.zeros((), device=diff.device))
+    return _clipped_log(temperature * diff, clip_min, clip_max)
 
 
 @torch.no_grad()
@@ -255,9 +255,7 @@ def importance_weights(logp_q: torch.Tensor, logp_ref: torch.Tensor, cfg: Weight
             valid = segment_ids >= 0
         else:
             valid = torch.ones_like(logp_q, dtype=torch.bool) if mask is None else mask.bool()
-        diff = torch.where(valid, logp_q.detach().float() - logp_ref.detach().float(),
-                           torch.zeros((), device=logp_q.device))
-        log_w = _clipped_log(cfg.temperature * diff, cfg.clip_min, cfg.clip_max)  # [B, T]
+        log_w = _token_log_weights(logp_q, logp_ref, valid, cfg.temperature, cfg.clip_min, cfg.clip_max)  # [B, T]
     if cfg.normalize:
         w = normalize_log_weights(log_w, valid, group=group)
     else:
