@@ -58,6 +58,44 @@ def naive_step(policy, q, ref, opt, data, episodes, temperature=10.0, clip_max=1
     return loss.item()
 
 
+def weight_dynamics(data, init, ref, steps: int, modes: dict, every: int = 25, seed: int = 0) -> dict:
+    """Weight max / ESS fraction of all training episodes every `every` steps of one iw-SFT run per mode."""
+    out = {}
+    for name, kw in modes.items():
+        cfg = TrainConfig(algo="iwsft", steps=steps, seed=seed, warmup_steps=min(300, steps // 5), **kw)
+        tr = Trainer(cfg, data, init=copy.deepcopy(init), ref=ref)
+        rows, t0 = [], time.time()
+        for s in range(steps + 1):
+            if s % every == 0:
+                st = tr.weight_summary()
+                rows.append({"step": s, "weight_max": st["weight_max"], "weight_ess": st["weight_ess"],
+                             "weight_clip_hi": st["weight_clip_hi"]})
+            if s < steps:
+                tr.train_step()
+        out[name] = {"config": kw, "rows": rows, "seconds": time.time() - t0}
+        print(name, f"{out[name]['seconds']:.0f}s", rows[-1], flush=True)
+    return out
+
+
+def plot_dynamics(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, r in res.items():
+        x = [row["step"] for row in r["rows"]]
+        axes[0].plot(x, [row["weight_max"] for row in r["rows"]], label=name)
+        axes[1].plot(x, [row["weight_ess"] for row in r["rows"]], label=name)
+    axes[0].set_yscale("log"), axes[1].set_yscale("log")
+    axes[0].set_ylabel("max raw weight (clip 1000)"), axes[1].set_ylabel("ESS fraction (1 = uniform)")
+    for a in axes:
+        a.set_xlabel("iw-SFT step (Hopper medium-replay, from BC)")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def timed(fn, n):
     fn()  # warm-up
     t0 = time.perf_counter()

@@ -1,71 +1,118 @@
-"""torchtune's chunked cross-entropy vs iw-SFT's weighted NLL, side by side in one process (CPU).
+"""Loss paths side by side in one run: torchtune's chunked CE, iw-SFT on chunked logits, iw-SFT fused.
 
-Both paths start from the same hidden states and output projection, produce torchtune-style chunked logits
-(``[B, T/c, V]`` per chunk, as ``model.set_num_output_chunks(c)`` does), compute the loss and backpropagate:
+All variants start from the same final hidden states ``[B, T, d]`` and output projection ``[V, d]``, compute the
+loss and backpropagate into both (the projection and the log-softmax are part of what is measured):
 
-- ``torchtune``: ``CEWithChunkedOutputLoss(num_output_chunks=c)(chunks, labels)`` (a per-token mean)
-- ``iwsft``:     ``iwsft.token_log_probs(chunks, labels)`` → ``iwsft.importance_weights`` (sequence level, with a
-                 random reference) → ``iwsft.weighted_nll`` → ``loss_sum / num_tokens``
+- ``torchtune``: chunked logits (``[B, T/c, V]`` per chunk, as ``model.set_num_output_chunks(c)`` makes them) →
+  ``CEWithChunkedOutputLoss(num_output_chunks=c)`` (a per-token mean)
+- ``iwsft``:     the same chunked logits → ``iwsft.token_log_probs`` → ``iwsft.importance_weights`` (sequence
+  level, against a random reference) → ``iwsft.weighted_nll`` → ``loss_sum / num_tokens``
+- ``fused``:     ``iwsft.fused_token_log_probs`` (projection + log-softmax ``--fused-chunk`` label tokens at a time,
+  recomputed in backward; the ``[N, V]`` logits never exist) → the same weighting and loss
+- ``fused_cce``  (``--device cuda`` only, when ``cut-cross-entropy`` is installed): the same with
+  ``fused_backend="cce"``.
 
-Time: median of ``--repeats`` forward+backward passes (the two variants alternate, same process). Peak memory:
-one pass per variant in a fresh interpreter (the script re-runs itself with ``--measure``), peak RSS during the pass
-minus RSS before it (``getrusage`` max RSS; Linux). torch's CPU allocator has no peak counter and
-``torch.profiler``'s memory events net out transients inside ops, so RSS is the honest CPU measure.
+Time: median of ``--repeats`` forward+backward passes, variants alternating in one process.
+Memory (CPU): each variant runs once more in a fresh interpreter (``--measure``) and reports
+(1) the peak of torch's tensor allocations during the pass, from ``torch.profiler`` (``profile_memory=True``):
+the CPU allocator reports every allocation and free with its running "Total Allocated", counted from the start of
+the pass (inputs already built), so transients inside the pass are included; and (2) the peak RSS growth
+(``getrusage`` max RSS after the pass minus RSS before it; Linux), which also sees allocator/page effects.
+Memory (CUDA): ``torch.cuda.max_memory_allocated`` during the pass minus the allocation before it.
+The script also checks that the three losses and gradient checksums agree (fp32: ≤ 1e-5 relative).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_loss.py [--batch 2 --seq 1024 --vocab 16384 --dim 256 --chunks 8]
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_loss.py --batch 1 --seq 4096 --vocab 152064 --dim 896
+    python benchmarks/bench_loss.py --device cuda --dtype bf16 --seq 22000 --vocab 152064 --dim 5120   # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 import iwsft
 
+VARIANTS = ("torchtune", "iwsft", "fused")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-def make_inputs(batch, seq, vocab, dim, seed=0):
+
+def make_inputs(args, seed=0):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, seq, dim, generator=g) * 0.5
-    weight = torch.randn(vocab, dim, generator=g) * dim ** -0.5
-    labels = torch.randint(0, vocab, (batch, seq), generator=g)
-    labels[:, : seq // 4] = -100  # prompt tokens are not trained on
-    logp_ref = -torch.rand(batch, seq, generator=g) * 8
-    return hidden, weight, labels, logp_ref
+    dev, dt = torch.device(args.device), DTYPES[args.dtype]
+    hidden = (torch.randn(args.batch, args.seq, args.dim, generator=g) * 0.5).to(dev, dt)
+    weight = (torch.randn(args.vocab, args.dim, generator=g) * args.dim ** -0.5).to(dev, dt)
+    labels = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    labels[:, : int(args.seq * args.prompt_frac)] = -100  # prompt tokens are not trained on
+    logp_ref = -torch.rand(args.batch, args.seq, generator=g) * 8
+    return hidden, weight, labels.to(dev), logp_ref.to(dev)
 
 
-def chunked_logits(hidden, weight, chunks):
-    return [h @ weight.T for h in hidden.chunk(chunks, dim=1)]
+def _leaves(hidden, weight):
+    return hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
 
 
-def run_torchtune(hidden, weight, labels, logp_ref, chunks, loss_fn):
-    h = hidden.detach().requires_grad_(True)
-    w = weight.detach().requires_grad_(True)
-    logits = chunked_logits(h, w, chunks)
-    loss = loss_fn(logits, labels)
-    del logits
-    loss.backward()
-    return loss.detach()
+def _checksums(h, w, loss):
+    return [float(loss.detach()), float(h.grad.double().abs().sum()), float(w.grad.double().abs().sum())]
 
 
-def run_iwsft(hidden, weight, labels, logp_ref, chunks, loss_fn):
-    h = hidden.detach().requires_grad_(True)
-    w = weight.detach().requires_grad_(True)
-    logits = chunked_logits(h, w, chunks)
-    token_logp = iwsft.token_log_probs(logits, labels)
-    del logits
+def _iw_loss(token_logp, labels, logp_ref):
     mask = labels != -100
     weights, _ = iwsft.importance_weights(token_logp.detach(), logp_ref, iwsft.WeightingConfig.llm(), mask=mask)
     loss_sum, num_tokens = iwsft.weighted_nll(token_logp, mask, seq_weights=weights)
-    loss = loss_sum / num_tokens
+    return loss_sum / num_tokens
+
+
+def run_torchtune(inputs, args, tt_loss):
+    hidden, weight, labels, _ = inputs
+    h, w = _leaves(hidden, weight)
+    logits = [c @ w.T for c in h.chunk(args.chunks, dim=1)]
+    loss = tt_loss(logits, labels)
+    del logits
     loss.backward()
-    return loss.detach()
+    return _checksums(h, w, loss)
+
+
+def run_iwsft(inputs, args, tt_loss):
+    hidden, weight, labels, logp_ref = inputs
+    h, w = _leaves(hidden, weight)
+    logits = [c @ w.T for c in h.chunk(args.chunks, dim=1)]
+    token_logp = iwsft.token_log_probs(logits, labels)
+    del logits
+    loss = _iw_loss(token_logp, labels, logp_ref)
+    loss.backward()
+    return _checksums(h, w, loss)
+
+
+def run_fused(inputs, args, tt_loss, backend="torch"):
+    hidden, weight, labels, logp_ref = inputs
+    h, w = _leaves(hidden, weight)
+    token_logp = iwsft.fused_token_log_probs(h, w, labels, chunk_size=args.fused_chunk, backend=backend)
+    loss = _iw_loss(token_logp, labels, logp_ref)
+    loss.backward()
+    return _checksums(h, w, loss)
+
+
+def run_fused_cce(inputs, args, tt_loss):
+    return run_fused(inputs, args, tt_loss, backend="cce")
+
+
+RUNNERS = {"torchtune": run_torchtune, "iwsft": run_iwsft, "fused": run_fused, "fused_cce": run_fused_cce}
+
+
+def _sync(args):
+    if args.device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _rss_bytes() -> int:
@@ -73,72 +120,148 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _measure_peak_in_this_process(args, variant) -> int:
-    """Peak RSS growth of one pass (Linux): max RSS after the pass minus RSS before it, inputs already built."""
-    from torchtune.modules.loss import CEWithChunkedOutputLoss
+def _tensor_peak_from_profiler(prof) -> int:
+    """Peak of the CPU allocator's running total during the profiled region (bytes, from its start)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0
+              and "Total Allocated" in e.get("args", {})]
+    return max(totals) if totals else 0
 
-    inputs = make_inputs(args.batch, args.seq, args.vocab, args.dim)
-    fn = {"torchtune": run_torchtune, "iwsft": run_iwsft}[variant]
+
+def measure_memory_here(args, variant, tt_loss) -> dict:
+    """One pass of ``variant`` in this process: peak tensor bytes and peak RSS growth (CPU) or CUDA peak."""
+    inputs = make_inputs(args)
+    fn = RUNNERS[variant]
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(inputs, args, tt_loss)
+        torch.cuda.synchronize()
+        return {"tensor_peak": torch.cuda.max_memory_allocated() - base, "rss_growth": None}
+    from torch.profiler import ProfilerActivity, profile
+
     before = _rss_bytes()
-    fn(*inputs, args.chunks, CEWithChunkedOutputLoss(num_output_chunks=args.chunks))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(inputs, args, tt_loss)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {"tensor_peak": _tensor_peak_from_profiler(prof), "rss_growth": rss}
 
 
-def peak_alloc_bytes(args, variant) -> int:
-    """Runs one pass in a fresh interpreter (so earlier passes cannot hide this one's peak) and returns its peak."""
-    cmd = [sys.executable, __file__, "--measure", variant, "--batch", str(args.batch), "--seq", str(args.seq),
-           "--vocab", str(args.vocab), "--dim", str(args.dim), "--chunks", str(args.chunks)]
+def _arg_list(args):
+    out = []
+    for k in ("batch", "seq", "vocab", "dim", "chunks", "fused_chunk", "prompt_frac", "device", "dtype"):
+        out += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    return out
+
+
+def measure_memory(args, variant, tt_loss) -> dict:
+    """CPU: a fresh interpreter per variant (earlier passes cannot hide this one's peak RSS)."""
+    if args.device == "cuda":
+        return measure_memory_here(args, variant, tt_loss)
+    cmd = [sys.executable, __file__, "--measure", variant, *_arg_list(args)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return int(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--vocab", type=int, default=16384)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--chunks", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--measure", choices=["torchtune", "iwsft"], help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=152064)
+    ap.add_argument("--dim", type=int, default=896)
+    ap.add_argument("--chunks", type=int, default=8, help="torchtune output chunks (chunked paths)")
+    ap.add_argument("--fused-chunk", type=int, default=iwsft.fused.DEFAULT_CHUNK_SIZE,
+                    help="label tokens per chunk of the fused path")
+    ap.add_argument("--prompt-frac", type=float, default=0.25, help="leading fraction of each row with label -100")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    ap.add_argument("--variants", default=None, help="comma list (default: all that run on the device)")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--measure", choices=list(RUNNERS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.measure:
-        print(_measure_peak_in_this_process(args, args.measure))
-        return
-    torch.manual_seed(0)
     from torchtune.modules.loss import CEWithChunkedOutputLoss
 
     tt_loss = CEWithChunkedOutputLoss(num_output_chunks=args.chunks)
-    inputs = make_inputs(args.batch, args.seq, args.vocab, args.dim)
-    variants = {"torchtune": run_torchtune, "iwsft": run_iwsft}
+    if args.measure:
+        print(json.dumps(measure_memory_here(args, args.measure, tt_loss)))
+        return
+    variants = list(VARIANTS)
+    if args.device == "cuda":
+        try:
+            import cut_cross_entropy  # noqa: F401
 
-    # Same value when all weights are 1 (sanity): identical reference → weights exactly 1.
-    h, w, lab, _ = inputs
-    ref_logp = iwsft.token_log_probs(chunked_logits(h, w, args.chunks), lab).detach()
-    a = run_torchtune(h, w, lab, ref_logp, args.chunks, tt_loss)
-    b = run_iwsft(h, w, lab, ref_logp, args.chunks, tt_loss)
-    assert torch.allclose(a, b, rtol=1e-5), (a, b)
+            variants.append("fused_cce")
+        except ImportError:
+            print("cut-cross-entropy not installed: fused_cce skipped")
+    if args.variants:
+        variants = [v for v in args.variants.split(",") if v]
+    torch.manual_seed(0)
+    inputs = make_inputs(args)
 
     times = {k: [] for k in variants}
-    for _ in range(2):  # warm-up
-        for name, fn in variants.items():
-            fn(*inputs, args.chunks, tt_loss)
+    sums = {}
     for r in range(args.repeats):
-        order = list(variants.items()) if r % 2 == 0 else list(variants.items())[::-1]
-        for name, fn in order:
+        order = variants if r % 2 == 0 else variants[::-1]
+        for name in order:
+            _sync(args)
             t0 = time.perf_counter()
-            fn(*inputs, args.chunks, tt_loss)
+            sums[name] = RUNNERS[name](inputs, args, tt_loss)
+            _sync(args)
             times[name].append(time.perf_counter() - t0)
-    mem = {name: peak_alloc_bytes(args, name) for name in variants}
+    del inputs
+    mem = {name: measure_memory(args, name, tt_loss) for name in variants}
+
+    # The losses and gradient checksums of the iw-SFT variants agree (same weights), and with unit weights the
+    # iw-SFT loss is torchtune's CE; here the weights come from a random reference, so compare iwsft vs fused.
+    tol = 1e-5 if args.dtype == "fp32" else 2e-2
+    agree = {}
+    for name in variants:
+        if name in ("iwsft", "torchtune") or "iwsft" not in sums:
+            continue
+        rel = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(sums[name], sums["iwsft"]))
+        agree[name] = rel
+        assert rel <= tol, f"{name} disagrees with iwsft: rel {rel:.2e} (loss, |grad h|, |grad W|)"
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"B={args.batch} T={args.seq} V={args.vocab} d={args.dim} chunks={args.chunks} "
-          f"threads={torch.get_num_threads()} repeats={args.repeats}")
-    print(f"{'variant':<12}{'fwd+bwd ms (median)':>22}{'peak RSS growth MiB':>22}")
+    n_label = int(args.batch * (args.seq - int(args.seq * args.prompt_frac)))
+    head = (f"B={args.batch} T={args.seq} (label tokens {n_label}) V={args.vocab} d={args.dim} "
+            f"{args.dtype} {args.device} chunks={args.chunks} fused_chunk={args.fused_chunk} "
+            f"threads={torch.get_num_threads()} repeats={args.repeats}")
+    print(head)
+    print(f"torch {torch.__version__}, python {platform.python_version()}, "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"{'variant':<12}{'fwd+bwd s (median)':>20}{'peak tensors MiB':>18}{'peak RSS growth MiB':>21}")
     for k in variants:
-        print(f"{k:<12}{med[k] * 1e3:>22.1f}{mem[k] / 2 ** 20:>22.1f}")
-    print(f"ratio iwsft/torchtune: time {med['iwsft'] / med['torchtune']:.3f}x, "
-          f"peak memory {mem['iwsft'] / mem['torchtune']:.3f}x (targets <= 1.05x)")
+        rss = mem[k]["rss_growth"]
+        print(f"{k:<12}{med[k]:>20.2f}{mem[k]['tensor_peak'] / 2 ** 20:>18.1f}"
+              f"{(rss / 2 ** 20 if rss is not None else float('nan')):>21.1f}")
+    base = "torchtune"
+    ratios = {}
+    if base in variants:
+        for k in variants:
+            if k == base:
+                continue
+            ratios[k] = {"time": med[k] / med[base],
+                         "tensor_peak": mem[k]["tensor_peak"] / max(mem[base]["tensor_peak"], 1)}
+            if mem[k]["rss_growth"] is not None:
+                ratios[k]["rss_growth"] = mem[k]["rss_growth"] / max(mem[base]["rss_growth"], 1)
+            extra = f", RSS growth {ratios[k]['rss_growth']:.3f}x" if "rss_growth" in ratios[k] else ""
+            print(f"ratio {k}/torchtune: time {ratios[k]['time']:.3f}x, peak tensors "
+                  f"{ratios[k]['tensor_peak']:.3f}x{extra}")
+    print("agreement with iwsft (max rel. diff of loss, |grad h|_1, |grad W|_1): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in agree.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "header": head, "times_s": times, "median_s": med, "memory": mem,
+                       "ratios": ratios, "agreement": agree, "torch": torch.__version__}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
 #
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=540)
 #
-# Writes to $OUT (at most 8 files come back): console.log, table.md, results.json and one log per variant.
-# Expected wall time on one H100: about 5 minutes (wheels ~20 s, assets ~30 s, 4 runs of ~60 s each).
+# Writes to $OUT (at most 8 files come back): console.log, table.md, results.json, one log per variant and
+# loss_22k.json.
+# Expected wall time on one H100: about 6 minutes (wheels ~20 s, assets ~30 s, 4 runs of ~60 s each, then the
+# fused-vs-chunked loss benchmark at T = 22,000, V = 152,064, d = 5,120 bf16, ~1 min).
 # Extra arguments are passed to bench_gpu.py (e.g. `bash benchmarks/gpu_run.sh --steps 4 --variants sft,iwsft_model`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +40,15 @@ EOF
 python3 benchmarks/bench_gpu.py --device cuda --shape 1.5b --seq-len 8192 --steps 8 --warmup-steps 1 \
     --batch-size 1 --grad-accum 4 --timeout 180 --out "$OUT" --work /tmp/iwsft_bench "$@"
 rc=$?
+
+# Issue 12: the loss alone at the paper's 32B shape (one 22,000-token sequence, V = 152,064, d = 5,120, bf16):
+# torchtune's chunked CE vs iw-SFT on chunked logits vs the fused path (and cut-cross-entropy if its wheel is in
+# .whl/). fwd+bwd time (median of 3, CUDA-synchronised) and torch.cuda.max_memory_allocated per variant; about
+# 1 minute. Output: its table in console.log, loss_22k.json in $OUT (8 files in all come back).
+python3 benchmarks/bench_loss.py --device cuda --dtype bf16 --batch 1 --seq 22000 --vocab 152064 --dim 5120 \
+    --chunks 16 --repeats 3 --json "$OUT/loss_22k.json"
+rc2=$?
+[ "$rc" -eq 0 ] && rc=$rc2
 df -h /tmp | tail -1
 return $rc
 }

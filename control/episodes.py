@@ -2,7 +2,8 @@
 
 Episode e owns steps `offsets[e]:offsets[e+1]` of `observations`, `actions` and `rewards`. Loaders:
   load_minari(id_or_path)  a Minari dataset by id (local, MINARI_DATASETS_PATH) or by directory
-  load_d4rl_hdf5(path)     a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts)
+  load_d4rl_hdf5(path)     a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); episodes
+                           whose time-limit end is not marked are split (step limit, next_observations gaps)
   save_minari(...)         writes Episodes as a Minari dataset (create_dataset_from_buffers)
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ class Episodes:
     terminated: np.ndarray  # [E] bool, the episode ended in a terminal state (not a time limit)
     env: str | None = None  # environment short name (control.envs), used for normalised scores and evaluation
     source: str = ""  # where the data came from (for logs and reports)
+    eval_env: str | None = None  # gymnasium id or EnvSpec JSON to evaluate in (None: the short name's default id)
+    splits: dict | None = None  # loaders: how many unmarked episode ends were split, by cause (reported in summary)
 
     def __post_init__(self):
         self.observations = np.asarray(self.observations, dtype=np.float32)
@@ -82,7 +85,8 @@ class Episodes:
                              "use a larger fraction or check the dataset's returns")
         steps = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
         return Episodes(self.observations[steps], self.actions[steps], self.rewards[steps],
-                        np.concatenate([[0], np.cumsum(self.lengths[idx])]), self.terminated[idx], self.env, self.source)
+                        np.concatenate([[0], np.cumsum(self.lengths[idx])]), self.terminated[idx], self.env, self.source,
+                        self.eval_env, self.splits)
 
     def normalized_returns(self) -> np.ndarray:
         return normalized_score(self.env, self.returns)
@@ -94,10 +98,15 @@ class Episodes:
         if self.env is not None:
             nr = self.normalized_returns()
             out.update(score_mean=float(nr.mean()), score_max=float(nr.max()))
+        if self.eval_env is not None:
+            from control.envs import describe_env
+            out["eval_env"] = describe_env(self.eval_env)
+        if self.splits is not None:
+            out["split_episodes"] = dict(self.splits)
         return out
 
 
-def _from_lists(obs, act, rew, term, env, source, drop_nonfinite=False) -> Episodes:
+def _from_lists(obs, act, rew, term, env, source, drop_nonfinite=False, eval_env=None, splits=None) -> Episodes:
     """Builds Episodes from per-episode arrays, optionally dropping episodes with NaN/inf values."""
     if drop_nonfinite:
         keep = [i for i in range(len(obs)) if all(np.isfinite(x).all() for x in (obs[i], act[i], rew[i]))]
@@ -106,7 +115,7 @@ def _from_lists(obs, act, rew, term, env, source, drop_nonfinite=False) -> Episo
         raise ValueError(f"{source}: no episodes to load")
     lengths = [len(r) for r in rew]
     return Episodes(np.concatenate(obs), np.concatenate(act), np.concatenate(rew),
-                    np.concatenate([[0], np.cumsum(lengths)]), np.array(term, dtype=bool), env, source)
+                    np.concatenate([[0], np.cumsum(lengths)]), np.array(term, dtype=bool), env, source, eval_env, splits)
 
 
 def _env_from_spec_id(env_id: str | None, source: str) -> str:
@@ -115,9 +124,13 @@ def _env_from_spec_id(env_id: str | None, source: str) -> str:
     return get_env(env_id).name
 
 
-def load_minari(dataset: str | Path, env: str | None = None, drop_nonfinite: bool = False) -> Episodes:
+def load_minari(dataset: str | Path, env: str | None = None, drop_nonfinite: bool = False,
+                eval_env: str | None = None) -> Episodes:
     """Loads a Minari dataset by id ("mujoco/hopper/medium-v0", looked up in MINARI_DATASETS_PATH or ~/.minari)
-    or by directory (the dataset folder or its `data/` subfolder). `env` overrides the environment it names."""
+    or by directory (the dataset folder or its `data/` subfolder). `env` overrides the environment it names.
+
+    The evaluation environment is the dataset's own: `recover_environment(eval_env=True)` (its eval spec if it has
+    one, else the recording spec), kept with all its kwargs as EnvSpec JSON; `eval_env` (an id) overrides it."""
     import minari
 
     p = Path(dataset)
@@ -137,6 +150,17 @@ def load_minari(dataset: str | Path, env: str | None = None, drop_nonfinite: boo
         ds = minari.load_dataset(str(dataset))
     spec = ds.spec.env_spec
     env_name = get_env(env).name if env else _env_from_spec_id(spec.id if spec is not None else None, str(dataset))
+    if eval_env is None and spec is not None:
+        import warnings
+        with warnings.catch_warnings():  # Minari warns about unmet `requirements` pins; the shape check decides
+            warnings.simplefilter("ignore")
+            e = ds.recover_environment(eval_env=True)
+        try:
+            eval_env = e.spec.to_json()
+        except ValueError:  # kwargs that JSON cannot hold (callables): fall back to the id (+ registered defaults)
+            eval_env = e.spec.id
+        finally:
+            e.close()
     obs, act, rew, term = [], [], [], []
     for ep in ds.iterate_episodes():
         o = ep.observations
@@ -147,16 +171,51 @@ def load_minari(dataset: str | Path, env: str | None = None, drop_nonfinite: boo
         act.append(np.asarray(ep.actions)[:T])
         rew.append(np.asarray(ep.rewards))
         term.append(bool(np.asarray(ep.terminations)[-1]))
-    return _from_lists(obs, act, rew, term, env_name, f"minari:{dataset}", drop_nonfinite)
+    return _from_lists(obs, act, rew, term, env_name, f"minari:{dataset}", drop_nonfinite, eval_env)
 
 
 D4RL_FIELDS = ("observations", "actions", "rewards", "terminals", "timeouts")
 
 
-def load_d4rl_hdf5(path: str | Path, env: str | None = None, drop_nonfinite: bool = False) -> Episodes:
+def split_unmarked_ends(ends: np.ndarray, n: int, max_steps: int | None, next_obs: np.ndarray | None = None,
+                        obs: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """Adds episode ends that a file failed to mark (D4RL v0/v1 files miss some `timeouts`).
+
+    ends: sorted exclusive end offsets [K] with ends[-1] == n. A step t (not already an end) also ends an episode
+      - where `next_obs[t]` differs from `obs[t+1]` (the next step does not continue this one), and
+      - every `max_steps` steps of a run that is still longer than the environment's step limit (a time-limit end).
+    Returns (new ends, {"discontinuity": count, "time_limit": count}) — counts of added ends.
+    """
+    ends = np.asarray(ends, dtype=np.int64)
+    added = {"discontinuity": 0, "time_limit": 0}
+    if next_obs is not None and obs is not None and n > 1:
+        same = np.isclose(next_obs[:-1], obs[1:], rtol=1e-5, atol=1e-6).all(axis=1)  # [n-1], t continues into t+1
+        gaps = np.flatnonzero(~same) + 1  # exclusive end after step t
+        gaps = np.setdiff1d(gaps, ends)
+        added["discontinuity"] = int(len(gaps))
+        ends = np.union1d(ends, gaps)
+    if max_steps:
+        starts = np.concatenate([[0], ends[:-1]])
+        cuts = [np.arange(s + max_steps, e, max_steps) for s, e in zip(starts, ends) if e - s > max_steps]
+        if cuts:
+            cuts = np.concatenate(cuts)
+            added["time_limit"] = int(len(cuts))
+            ends = np.union1d(ends, cuts)
+    return ends.astype(np.int64), added
+
+
+def load_d4rl_hdf5(path: str | Path, env: str | None = None, drop_nonfinite: bool = False,
+                   eval_env: str | None = None, max_episode_steps: int | None = None) -> Episodes:
     """Loads a D4RL-format HDF5 file. Episodes end at `terminals | timeouts`; a trailing unfinished episode is kept.
-    The environment comes from `env`, the file's `env_name` attribute/metadata, or its file name (hopper_...)."""
+    The environment comes from `env`, the file's `env_name` attribute/metadata, or its file name (hopper_...).
+
+    Evaluation env: `<Env>-v4` (control.envs.eval_id_for_d4rl: D4RL files were recorded in -v3, which gymnasium 1.x
+    lacks; -v4 is the same model with the new bindings); `eval_env` overrides it (warning if the version differs).
+    Unmarked ends are split (split_unmarked_ends) at `next_observations` gaps (if the file has that field) and at the
+    env's step limit (`max_episode_steps`, default the eval env's, 1000 for MuJoCo); the counts are in `splits`."""
     import h5py
+
+    from control.envs import describe_env, eval_id_for_d4rl
 
     path = Path(path)
     if not path.exists():
@@ -172,11 +231,14 @@ def load_d4rl_hdf5(path: str | Path, env: str | None = None, drop_nonfinite: boo
         if missing:
             raise ValueError(f"{path}: missing D4RL field(s) {missing}; expected {list(D4RL_FIELDS)}")
         data = {k: f[k][()] for k in D4RL_FIELDS}
+        next_obs = f["next_observations"][()] if "next_observations" in f else None
         n = len(data["rewards"])
         for k in D4RL_FIELDS:
             if len(data[k]) != n:
                 raise ValueError(f"{path}: field {k!r} has {len(data[k])} entries but 'rewards' has {n}; every D4RL "
                                  f"field must have one entry per step. Re-export the file.")
+        if next_obs is not None and len(next_obs) != n:
+            raise ValueError(f"{path}: field 'next_observations' has {len(next_obs)} entries but 'rewards' has {n}.")
         name = env or f.attrs.get("env_name") or (f["metadata/env_name"][()] if "metadata/env_name" in f else None)
     if isinstance(name, bytes):
         name = name.decode()
@@ -184,15 +246,24 @@ def load_d4rl_hdf5(path: str | Path, env: str | None = None, drop_nonfinite: boo
         stem = path.stem.lower()
         name = next((k for k in ("halfcheetah", "hopper", "walker2d") if stem.startswith(k)), None)
     env_name = _env_from_spec_id(name, str(path))
-    ends = np.flatnonzero(data["terminals"].astype(bool).reshape(-1) | data["timeouts"].astype(bool).reshape(-1)) + 1
+    eval_id = eval_id_for_d4rl(env_name, override=eval_env)
+    if max_episode_steps is None:
+        max_episode_steps = describe_env(eval_id)["max_episode_steps"]
+    term_flags = data["terminals"].astype(bool).reshape(-1)
+    ends = np.flatnonzero(term_flags | data["timeouts"].astype(bool).reshape(-1)) + 1
     if len(ends) == 0 or ends[-1] != n:
         ends = np.append(ends, n)
+    ends, splits = split_unmarked_ends(ends, n, max_episode_steps, next_obs, data["observations"])
+    if sum(splits.values()):
+        import warnings
+        warnings.warn(f"{path}: {sum(splits.values())} episode end(s) not marked in terminals/timeouts were added "
+                      f"({splits}); see control.episodes.split_unmarked_ends.", UserWarning, stacklevel=2)
     starts = np.concatenate([[0], ends[:-1]])
-    term = data["terminals"].astype(bool)
     obs = [data["observations"][s:e] for s, e in zip(starts, ends)]
     act = [data["actions"][s:e] for s, e in zip(starts, ends)]
     rew = [data["rewards"][s:e].reshape(-1) for s, e in zip(starts, ends)]
-    return _from_lists(obs, act, rew, [bool(term[e - 1]) for e in ends], env_name, f"d4rl:{path.name}", drop_nonfinite)
+    return _from_lists(obs, act, rew, [bool(term_flags[e - 1]) for e in ends], env_name, f"d4rl:{path.name}",
+                       drop_nonfinite, eval_id, splits)
 
 
 def write_d4rl_hdf5(episodes: Episodes, path: str | Path) -> None:

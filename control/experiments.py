@@ -5,17 +5,23 @@
     python -m control.experiments --d4rl-file hopper_medium_replay-v2.hdf5 ...
     python -m control.experiments --quick                                     # small end-to-end demo (minutes)
 
-Every run writes <out>/<dataset>/<algo>/seed<k>/{result.json, curve.csv}; finished runs are skipped on a rerun.
-BC is always trained first for each seed: it is the `bc` result and p_ref / the initialisation of the others.
+Every run writes <out>/<dataset>/<algo>/seed<k>/{result.json, curve.csv, policy.pt}; finished runs are skipped on a
+rerun if their settings and data match (else the script stops and lists what differs). BC is always trained first for
+each seed: it is the `bc` result and p_ref / the initialisation of the others; each fine-tuned run records the hash of
+the BC policy it started from and is retrained when that BC policy has changed. `--workers N` runs seeds in N
+processes (one torch thread each).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import json
 import math
 import re
+import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -25,7 +31,8 @@ from tqdm.auto import tqdm
 
 from control.data import DEFAULT_STEPS, KINDS, build
 from control.episodes import Episodes, load_d4rl_hdf5, load_minari
-from control.train import ALGOS, TrainConfig, policy_from_state, train
+from control.envs import check_shapes, get_env, versions
+from control.train import ALGOS, REDUCTIONS, TrainConfig, policy_from_state, state_hash, train
 
 
 @dataclass
@@ -38,26 +45,30 @@ class ExperimentConfig:
     seeds: int = 3  # seeds 0..seeds-1
     bc_steps: int = 10_000  # BC gradient steps (authors: 10k, Adam 1e-3)
     steps: int = 2000  # fine-tuning gradient steps of the other algorithms (authors: 2k, Adam 4e-5)
-    batch_size: int = 512  # transitions per gradient step
-    refresh_every: int = 50  # iw: refresh the cached per-episode log-ratios every N steps (1 = exact)
+    reduction: str = "episode"  # "episode" (the authors': mean within each episode) or "step" (see control.train)
+    batch_size: int = 512  # sampled mode: transitions per gradient step
+    full_episodes: int = 0  # >0: exact mode, whole-episode batches of this size (authors: BC 128, the rest 256)
+    refresh_every: int = 1  # iw: refresh the per-episode log-ratios under q every N steps (1 = every step)
     eval_every: int = 500  # intermediate evaluation interval in steps (0 = final only)
     eval_episodes: int = 5  # episodes per intermediate evaluation
-    final_eval_episodes: int = 20  # episodes of the final (reported) evaluation
+    final_eval_episodes: int = 100  # episodes of the final (reported) evaluation (authors: 100)
+    eval_env: str | None = None  # gymnasium id to evaluate in instead of the dataset's own env (D4RL default: -v4)
     out: str = "runs/control"  # output root
     drop_nonfinite: bool = False  # drop episodes with NaN/inf values instead of failing
+    workers: int = 1  # seeds run in this many processes (one torch thread each)
 
 
 def load_dataset(cfg: ExperimentConfig) -> tuple[Episodes, str]:
     """Episodes and a filesystem-safe tag for the output folder."""
     if cfg.d4rl_file:
-        return load_d4rl_hdf5(cfg.d4rl_file, cfg.env, cfg.drop_nonfinite), Path(cfg.d4rl_file).stem
+        return load_d4rl_hdf5(cfg.d4rl_file, cfg.env, cfg.drop_nonfinite, eval_env=cfg.eval_env), Path(cfg.d4rl_file).stem
     if cfg.dataset in KINDS:
         env = cfg.env or "hopper"
         t0 = time.time()
         did = build(env, cfg.dataset, cfg.dataset_steps)
         print(f"dataset {did} ready in {time.time() - t0:.1f}s", flush=True)
-        return load_minari(did, drop_nonfinite=cfg.drop_nonfinite), _safe(did)
-    return load_minari(cfg.dataset, cfg.env, cfg.drop_nonfinite), _safe(cfg.dataset)
+        return load_minari(did, drop_nonfinite=cfg.drop_nonfinite, eval_env=cfg.eval_env), _safe(did)
+    return load_minari(cfg.dataset, cfg.env, cfg.drop_nonfinite, eval_env=cfg.eval_env), _safe(cfg.dataset)
 
 
 def _safe(name: str) -> str:
@@ -66,10 +77,12 @@ def _safe(name: str) -> str:
 
 def train_config(cfg: ExperimentConfig, algo: str, seed: int) -> TrainConfig:
     common = dict(seed=seed, batch_size=cfg.batch_size, eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes,
-                  final_eval_episodes=cfg.final_eval_episodes, log_every=max(1, min(100, cfg.steps // 10)))
-    if algo == "bc":
-        return TrainConfig.bc(steps=cfg.bc_steps, **{**common, "log_every": max(1, min(100, cfg.bc_steps // 10))})
-    return TrainConfig(algo=algo, steps=cfg.steps, refresh_every=cfg.refresh_every,
+                  final_eval_episodes=cfg.final_eval_episodes, log_every=max(1, min(100, cfg.steps // 10)),
+                  reduction=cfg.reduction)
+    if algo == "bc":  # authors: batches of 128 episodes for BC, 256 for the rest
+        return TrainConfig.bc(steps=cfg.bc_steps, full_episodes=cfg.full_episodes // 2,
+                              **{**common, "log_every": max(1, min(100, cfg.bc_steps // 10))})
+    return TrainConfig(algo=algo, steps=cfg.steps, refresh_every=cfg.refresh_every, full_episodes=cfg.full_episodes,
                        warmup_steps=min(300, cfg.steps // 5), **common)
 
 
@@ -86,47 +99,90 @@ def save_run(run_dir: Path, result: dict) -> None:
     tmp.rename(run_dir / "result.json")  # written last: its presence marks the run finished
 
 
-def check_finished_run(run_dir: Path, tcfg: TrainConfig, dataset: dict) -> None:
-    """A finished run is reused only if it was trained with the same settings on the same data (else its score would
-    be reported under settings it was not trained with)."""
+def check_finished_run(run_dir: Path, tcfg: TrainConfig, dataset: dict, init_hash: str | None = None) -> bool:
+    """True if the finished run in `run_dir` can be reused. A run is reused only if it was trained with the same
+    settings on the same data (else its score would be reported under settings it was not trained with: raises, the
+    user decides); a fine-tuned run whose BC start / p_ref (`init_hash`) differs from the current BC policy is stale
+    (BC was retrained): False, so it is retrained."""
     result = json.loads((run_dir / "result.json").read_text())
+    if init_hash is not None and result.get("init_hash") != init_hash:
+        print(f"{run_dir}: made from another BC policy (hash {result.get('init_hash')} != {init_hash}); retraining",
+              flush=True)
+        return False
     saved = {**result["config"], "dataset": result.get("dataset")}
     wanted = json.loads(json.dumps({**asdict(tcfg), "dataset": dataset}))  # tuples -> lists, as stored
     changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if changed:
         raise ValueError(f"{run_dir} holds a finished run with other settings (field: (saved, requested)) {changed}; "
                          f"use another --out, or delete {run_dir} to retrain it.")
+    return True
+
+
+def run_seed(cfg: ExperimentConfig, seed: int, data: Episodes | None = None) -> list[str]:
+    """BC, then every other algorithm from it, for one seed (resumable); returns the printed lines."""
+    torch.set_num_threads(1)
+    if data is None:  # worker process: load the (already built) dataset again
+        data = load_dataset(cfg)[0]
+    root = Path(cfg.out) / load_dataset_tag(cfg)
+    bc_dir = root / "bc" / f"seed{seed}"
+    lines = []
+    for algo in ["bc"] + [a for a in cfg.algos if a != "bc"]:
+        run_dir = root / algo / f"seed{seed}"
+        tcfg = train_config(cfg, algo, seed)
+        init = ref = init_hash = None
+        if algo != "bc":
+            init = torch.load(bc_dir / "policy.pt")
+            init_hash = state_hash(init)
+            ref = policy_from_state(init, tcfg.hidden, tcfg.layers)
+        if (run_dir / "result.json").exists():
+            if check_finished_run(run_dir, tcfg, data.summary(), init_hash):
+                continue
+            shutil.rmtree(run_dir)
+        with tqdm(total=tcfg.steps, desc=f"{algo} seed{seed}", leave=False, mininterval=2,
+                  disable=cfg.workers > 1) as bar:
+            result = train(tcfg, data, init, ref, progress=bar)
+        result["dataset"] = data.summary()
+        save_run(run_dir, result)
+        line = f"{algo} seed{seed}: score {result['final']['score_mean']:.1f} ({result['wall_time_s']:.0f}s)"
+        print(line, flush=True)
+        lines.append(line)
+    return lines
+
+
+def load_dataset_tag(cfg: ExperimentConfig) -> str:
+    """The output folder name load_dataset gives (without loading)."""
+    if cfg.d4rl_file:
+        return Path(cfg.d4rl_file).stem
+    if cfg.dataset in KINDS:
+        from control.data import dataset_id
+        return _safe(dataset_id(cfg.env or "hopper", cfg.dataset, cfg.dataset_steps))
+    return _safe(cfg.dataset)
 
 
 def run_all(cfg: ExperimentConfig) -> Path:
     if cfg.seeds < 1:
         raise ValueError(f"seeds={cfg.seeds} must be >= 1 (--seeds N runs seeds 0..N-1).")
+    if cfg.workers < 1:
+        raise ValueError(f"workers={cfg.workers} must be >= 1.")
     for algo in ("bc", *cfg.algos):  # check algorithm names and budgets before the (possibly long) dataset build
         train_config(cfg, algo, 0)
     torch.set_num_threads(1)
     data, tag = load_dataset(cfg)
+    # before any training: the data must fit the environment it will be evaluated in
+    check_shapes(data.eval_env or get_env(data.env).gym_id, data.observations.shape[1], data.actions.shape[1],
+                 data.source)
     root = Path(cfg.out) / tag
     root.mkdir(parents=True, exist_ok=True)
     (root / "dataset.json").write_text(json.dumps(data.summary(), indent=1))
     print(f"dataset: {json.dumps(data.summary())}", flush=True)
-    for seed in range(cfg.seeds):
-        bc_dir = root / "bc" / f"seed{seed}"
-        for algo in ["bc"] + [a for a in cfg.algos if a != "bc"]:
-            run_dir = root / algo / f"seed{seed}"
-            tcfg = train_config(cfg, algo, seed)
-            if (run_dir / "result.json").exists():
-                check_finished_run(run_dir, tcfg, data.summary())
-                continue
-            init = ref = None
-            if algo != "bc":
-                init = torch.load(bc_dir / "policy.pt")
-                ref = policy_from_state(init, tcfg.hidden, tcfg.layers)
-            with tqdm(total=tcfg.steps, desc=f"{algo} seed{seed}", leave=False, mininterval=2) as bar:
-                result = train(tcfg, data, init, ref, progress=bar)
-            result["dataset"] = data.summary()
-            save_run(run_dir, result)
-            print(f"{algo} seed{seed}: score {result['final']['score_mean']:.1f} "
-                  f"({result['wall_time_s']:.0f}s)", flush=True)
+    if cfg.workers == 1 or cfg.seeds == 1:
+        for seed in range(cfg.seeds):
+            run_seed(cfg, seed, data)
+    else:  # one process per seed at a time; each loads the dataset itself (cheaper than pickling it)
+        import multiprocessing as mp
+        with ProcessPoolExecutor(min(cfg.workers, cfg.seeds), mp_context=mp.get_context("spawn")) as pool:
+            for f in [pool.submit(run_seed, cfg, seed) for seed in range(cfg.seeds)]:
+                f.result()
     table = write_table(root)
     plot(root)
     print(table)
@@ -159,10 +215,24 @@ def load_results(root: Path, algos) -> dict[str, list[dict]]:
 
 
 def write_table(root: Path) -> str:
+    """table.md: date, versions, evaluation env and protocol, then one row per algorithm (mean ± std over seeds)."""
     results = load_results(root, ALGOS)
     ds = json.loads((root / "dataset.json").read_text())
-    lines = [f"Dataset `{ds['source']}`: {ds['episodes']} episodes, {ds['steps']} steps, "
-             f"normalised return mean {ds.get('score_mean', float('nan')):.1f} / max {ds.get('score_max', float('nan')):.1f}.",
+    first = next(iter(results.values()))[0] if results else {}
+    vers = first.get("versions") or versions()
+    ev = first.get("eval_env") or ds.get("eval_env") or {}
+    cfg0 = (results.get("iwsft") or results.get("iwsft_q") or results.get("filtered_bc") or [first])[0].get("config", {})
+    mode = (f"exact ({cfg0.get('full_episodes')} whole episodes per batch)" if cfg0.get("full_episodes")
+            else f"sampled ({cfg0.get('batch_size')} steps per batch, episodes drawn ∝ p_i·w_i)")
+    split = ds.get("split_episodes")
+    lines = [f"Generated {datetime.date.today().isoformat()} with " + ", ".join(f"{k} {v}" for k, v in vers.items())
+             + ".", "",
+             f"Dataset `{ds['source']}`: {ds['episodes']} episodes, {ds['steps']} steps, "
+             f"normalised return mean {ds.get('score_mean', float('nan')):.1f} / max {ds.get('score_max', float('nan')):.1f}"
+             + (f"; unmarked episode ends split: {split}" if split is not None else "") + ".",
+             f"Evaluated in `{ev.get('id')}`" + (f" with kwargs {ev.get('kwargs')}" if ev.get("kwargs") else "")
+             + f". Loss reduction `{cfg0.get('reduction', 'step')}`, {mode}, importance weights refreshed every "
+             f"{cfg0.get('refresh_every')} step(s).",
              "",
              "| algorithm | seeds | final normalised score (mean ± std) | 95% interval | train steps | wall time / run |",
              "|---|---|---|---|---|---|"]
@@ -186,30 +256,53 @@ def write_table(root: Path) -> str:
     return text
 
 
+STYLES = {"bc": ("C0", "-"), "filtered_bc": ("C1", "--"), "sft_q": ("C4", "-."), "iwsft": ("C2", "-"),
+          "iwsft_q": ("C3", ":")}
+
+
+def _series(runs: list[dict], key: str):
+    """(steps, [seeds, points]) of curve rows holding `key`, over the seeds that logged the same steps."""
+    steps = [row["step"] for row in runs[0]["curve"] if key in row]
+    vals = [[row[key] for row in r["curve"] if key in row] for r in runs]
+    vals = np.array([v for v in vals if len(v) == len(steps)], dtype=float)
+    return np.array(steps), vals
+
+
 def plot(root: Path) -> None:
+    """curves.png: score, loss, max weight and ESS per algorithm (lines; mean ± std band over seeds; fine-tuning
+    drawn after BC's steps, starting from BC's final score); weights.png: final per-episode weights."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results = load_results(root, ALGOS)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for algo, runs in results.items():
-        offset = 0 if algo == "bc" or "bc" not in results else results["bc"][0]["config"]["steps"]
-        steps = [row["step"] for row in runs[0]["curve"] if "score" in row]
-        scores = np.array([[row["score"] for row in r["curve"] if "score" in row] for r in runs
-                           if len([row for row in r["curve"] if "score" in row]) == len(steps)])
-        if not len(steps) or not len(scores):
-            continue
-        x = np.array(steps) + offset
-        m, sd = scores.mean(0), scores.std(0)
-        ax.plot(x, m, marker="o", ms=3, label=algo)
-        ax.fill_between(x, m - sd, m + sd, alpha=0.2)
-    ax.set_xlabel("gradient steps (fine-tuning starts after BC)")
-    ax.set_ylabel("normalised score")
-    ax.set_title(root.name)
-    ax.legend()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    panels = [("score", "normalised score", False), ("loss", "training loss", False),
+              ("weight_max", "max raw weight (clip 1000)", True), ("weight_ess", "weight ESS fraction", True)]
+    bc_steps = results["bc"][0]["config"]["steps"] if "bc" in results else 0
+    for ax, (key, label, log) in zip(axes.flat, panels):
+        for algo, runs in results.items():
+            steps, vals = _series(runs, key)
+            if not len(steps) or not len(vals):
+                continue
+            x = steps + (0 if algo == "bc" else bc_steps)
+            m, sd = vals.mean(0), vals.std(0)
+            if key == "score" and algo != "bc" and "bc" in results:  # fine-tuning starts from BC's final policy
+                bc_final = np.mean([r["final"]["score_mean"] for r in results["bc"]])
+                x, m, sd = np.concatenate([[bc_steps], x]), np.concatenate([[bc_final], m]), np.concatenate([[0], sd])
+            color, ls = STYLES.get(algo, (None, "-"))
+            ax.plot(x, m, color=color, ls=ls, lw=1.6, label=algo)
+            if len(vals) > 1:
+                ax.fill_between(x, m - sd, m + sd, color=color, alpha=0.15)
+        ax.set_ylabel(label)
+        ax.set_xlabel("gradient steps (fine-tuning starts after BC)")
+        if log:
+            ax.set_yscale("log")
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    fig.suptitle(root.name)
     fig.tight_layout()
-    fig.savefig(root / "curves.png", dpi=120)
+    fig.savefig(root / "curves.png", dpi=110)
     plt.close(fig)
 
     iw = {a: r for a, r in results.items() if r[0].get("episode_weights")}
@@ -219,8 +312,8 @@ def plot(root: Path) -> None:
             w = np.concatenate([r["episode_weights"] for r in runs])
             ret = np.concatenate([r["episode_returns"] for r in runs])
             axes[0].hist(np.log10(np.maximum(w, 1e-12)), bins=40, alpha=0.5, label=algo)
-            axes[1].scatter(ret, w, s=6, alpha=0.5, label=algo)
-        axes[0].set_xlabel("log10 importance weight (per episode, end of training)")
+            axes[1].scatter(ret, np.maximum(w, 1e-12), s=6, alpha=0.5, label=algo)
+        axes[0].set_xlabel("log10 importance weight (per episode, end of training; 1e-12 floor)")
         axes[0].set_ylabel("episodes")
         axes[1].set_xlabel("episode return")
         axes[1].set_ylabel("importance weight")
@@ -233,7 +326,7 @@ def plot(root: Path) -> None:
 
 
 QUICK = dict(dataset="medium-replay", dataset_steps=50_000, algos=("bc", "filtered_bc", "iwsft"), seeds=1,
-             bc_steps=2000, steps=500, eval_every=0, final_eval_episodes=10)
+             bc_steps=2000, steps=500, eval_every=125, final_eval_episodes=10)
 
 
 def main(argv=None):
@@ -247,11 +340,18 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=d.seeds)
     p.add_argument("--bc-steps", type=int, default=d.bc_steps)
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--reduction", default=d.reduction, choices=REDUCTIONS,
+                   help="episode: the authors' (mean within each episode, episodes count ∝ w); step: ∝ w × length")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sampled mode: steps per batch")
+    p.add_argument("--full-episodes", type=int, default=d.full_episodes,
+                   help="exact mode: whole episodes per fine-tuning batch (BC: half); authors 256 (slow: ~0.4 s/step)")
     p.add_argument("--refresh-every", type=int, default=d.refresh_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
     p.add_argument("--final-eval-episodes", type=int, default=d.final_eval_episodes)
+    p.add_argument("--eval-env", default=None,
+                   help="gymnasium id to evaluate in instead of the dataset's own (D4RL files: <Env>-v4 by default)")
+    p.add_argument("--workers", type=int, default=d.workers, help="seeds in parallel processes (one thread each)")
     p.add_argument("--out", default=d.out)
     p.add_argument("--drop-nonfinite", action="store_true", help="drop episodes with NaN/inf instead of failing")
     p.add_argument("--quick", action="store_true", help="small end-to-end demo: " + json.dumps(QUICK))
@@ -259,9 +359,10 @@ def main(argv=None):
     cfg = ExperimentConfig(
         env=a.env, dataset=a.dataset, d4rl_file=a.d4rl_file, dataset_steps=a.dataset_steps,
         algos=tuple(x.strip() for x in a.algos.split(",") if x.strip()), seeds=a.seeds, bc_steps=a.bc_steps,
-        steps=a.steps, batch_size=a.batch_size, refresh_every=a.refresh_every, eval_every=a.eval_every,
-        eval_episodes=a.eval_episodes, final_eval_episodes=a.final_eval_episodes, out=a.out,
-        drop_nonfinite=a.drop_nonfinite)
+        steps=a.steps, reduction=a.reduction, batch_size=a.batch_size, full_episodes=a.full_episodes,
+        refresh_every=a.refresh_every, eval_every=a.eval_every, eval_episodes=a.eval_episodes,
+        final_eval_episodes=a.final_eval_episodes, eval_env=a.eval_env, out=a.out, drop_nonfinite=a.drop_nonfinite,
+        workers=a.workers)
     if a.quick:
         cfg = replace(cfg, **QUICK, out=a.out if a.out != d.out else "runs/control-quick")
     t0 = time.time()

@@ -1,45 +1,65 @@
 """One trainer for BC, filtered BC, SFT(Q), iw-SFT and iw-SFT(Q); the weighting is chosen by config.
 
-Objective (all algorithms). A batch is a set of steps j, each from an episode e(j), with a per-episode weight w_e:
+Objective: the authors' reduction (REFERENCE.md section 1), `reduction="episode"`, the default for every algorithm.
+For a batch of B episodes i (drawn with probability p_i: uniform, or ∝ percentile level for the (Q) variants) with
+per-step log-likelihoods log π(a_it|s_it) and ℓ_i = Σ_t log π(a_it|s_it) / T_i (a mean within each episode):
 
-    L(θ) = − Σ_j w_e(j) · log π_θ(a_j | s_j) / Σ_j w_e(j)          (weights normalised over the batch)
+    BC / filtered BC / SFT(Q)   L_authors = −mean_i[ ℓ_i ]
+    iw-SFT / iw-SFT(Q)          L_authors = −mean_i[ (w_i / Σ_j w_j) · ℓ_i ],
+                                w_i = clip(exp(temperature · (Σ_t log q − Σ_t log p_ref) / T_i), 0, 1000)
 
-With whole episodes in the batch this is the authors' padded formula Σ_i w_i Σ_t log π(a_it|s_it) / Σ_i w_i T_i
-(tests/test_control_equivalence.py checks this against a naive padded implementation). The fast path samples
-single steps: episodes are drawn with probability ∝ (sampling weight × length) and a step uniformly within each, so
-the expected loss is the same. What varies by algorithm:
+so every episode counts ∝ w_i whatever its length T_i. The trainer minimises L = −Σ_i ŵ_i ℓ_i / B with ŵ_i = B·w_i/Σ_j w_j
+(mean 1, the core's `normalize_log_weights`): for iw-SFT L = B · L_authors, a constant factor that Adam's update
+ignores (up to its eps), and it keeps the loss on BC's scale. `reduction="step"` is the per-step alternative
+L = −Σ_i ŵ_i Σ_t log π / Σ_i ŵ_i T_i (an episode counts ∝ w_i·T_i; what this trainer did before).
 
+Two ways to form a batch (`full_episodes`):
+  exact    (full_episodes = B > 0) B whole episodes drawn ∝ p_i, the loss above; with refresh_every = 1 the weights
+           are recomputed every step from the current q (the authors' layout; tests/test_control_equivalence.py).
+  sampled  (full_episodes = 0, default) first a *virtual* batch of `virtual_episodes` episodes drawn ∝ p_i exactly
+           as the authors draw theirs (B = 256; BC 128), then `batch_size` single steps: a draw d of that batch
+           with probability w_d / Σ_batch w (· T_d / ... for reduction="step"), then a step uniformly within its
+           episode; loss −mean_j log π(a_j|s_j). Given the virtual batch, its expectation is the authors' loss on
+           that batch (× B), so the gradient is unbiased for the authors' objective including its self-normalisation
+           over B episodes (which matters: with w concentrated on few episodes, a batch that misses them spreads its
+           weight over the others). Unweighted algorithms reduce to drawing episodes ∝ p_i. q's log-ratios over all
+           training episodes are refreshed every `refresh_every` steps (default 1: the draws use them, so stale
+           weights change what is trained on; tests/test_control_dynamics.py).
+
+What varies by algorithm:
   bc           all episodes, w = 1, from scratch (this policy is also p_ref for the others)
   filtered_bc  top `filter_fraction` of episodes by return, w = 1, from the BC init
   sft_q        all episodes sampled ∝ percentile level (90/95/98th -> 1/2/3), w = 1, from the BC init
-  iwsft        filtered episodes, w = clip(exp(temperature · mean_t[log q − log p_ref]), 0, 1000)
+  iwsft        filtered episodes, importance weights w_i
   iwsft_q      percentile-level sampling and importance weights
 
-q is an EMA (decay 0.9, every step) of the trained policy and p_ref the frozen BC policy. log p_ref is cached once
-per step of the data; the per-episode log-ratios are refreshed every `refresh_every` steps over all training episodes
-(1 = exact). The weight formula, EMA, percentile levels and normalisation come from the `iwsft` core.
+q is an EMA (decay 0.9, every step) of the trained policy and p_ref the frozen BC policy (log p_ref cached once).
+The weight formula, EMA, percentile levels and normalisation come from the `iwsft` core.
 
-Exact mode (`full_episodes > 0, refresh_every = 1`) does only the work the loss needs, with the same loss and gradient:
-q changes every step, so its log-ratios are recomputed only for the batch's episodes; and a batch drawn with
-replacement (256 episodes out of ~95 for iw-SFT) repeats most steps, so the policy runs once per distinct step and
-each result is copied to every draw (its gradient is then summed over the draws, exactly as if recomputed).
+Exact mode does only the work the loss needs, with the same loss and gradient: q's log-ratios are recomputed only
+for the batch's episodes; and a batch drawn with replacement (256 episodes out of ~95 for iw-SFT) repeats most steps,
+so the policy runs once per distinct step with the summed coefficient of its draws.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from iwsft import (EMA, WeightingConfig, level_sampling_probs, normalize_log_weights, offsets_to_segment_ids,
                    percentile_levels, sequence_log_ratio, sequence_log_weights, top_fraction_mask, weight_stats)
+from control.envs import check_shapes, describe_env, get_env, versions
 from control.episodes import Episodes
 from control.evaluate import evaluate
 from control.policy import GaussianPolicy, NumpyPolicy
 
 ALGOS = ("bc", "filtered_bc", "sft_q", "iwsft", "iwsft_q")
+REDUCTIONS = ("episode", "step")
 CHUNK = 4096  # rows per forward/backward chunk (and per no-grad log-prob chunk, see GaussianPolicy.log_prob_chunked)
 
 
@@ -48,8 +68,10 @@ class TrainConfig:
     algo: str = "iwsft"  # one of ALGOS
     seed: int = 0  # seeds torch, numpy sampling and evaluation environments
     steps: int = 2000  # gradient steps (authors: BC 10k, the rest 2k)
-    batch_size: int = 512  # transitions per gradient step (fast path)
-    full_episodes: int = 0  # >0: each batch is this many whole episodes instead (the authors' layout; slow, exact)
+    reduction: str = "episode"  # "episode": the authors' (mean within each episode, episodes ∝ w); "step": ∝ w·T
+    batch_size: int = 512  # sampled mode: transitions per gradient step
+    virtual_episodes: int = 256  # sampled mode: episodes of the authors' batch the steps are drawn from (BC: 128)
+    full_episodes: int = 0  # >0: exact mode, each batch is this many whole episodes (the authors' layout, slow)
     lr: float = 4e-5  # Adam learning rate (authors: BC 1e-3, the rest 4e-5)
     warmup_steps: int = 300  # linear warmup steps, then cosine decay to 0 (0 warmup + cosine=False: constant lr)
     cosine: bool = True  # cosine decay after warmup (authors: yes for fine-tuning, constant for BC)
@@ -61,16 +83,19 @@ class TrainConfig:
     clip_min: float = 0.0  # iw: lower clip of the weight
     clip_max: float = 1000.0  # iw: upper clip of the weight
     ema_decay: float = 0.9  # iw: q <- decay * q + (1 - decay) * policy after every step
-    refresh_every: int = 50  # iw: recompute per-episode log-ratios under q every N steps (1 = exact)
+    refresh_every: int = 1  # iw: recompute the per-episode log-ratios under q every N steps (1 = every step, exact)
     eval_every: int = 500  # evaluate every N steps (0 = only at the end)
     eval_episodes: int = 5  # episodes per intermediate evaluation
-    final_eval_episodes: int = 10  # episodes of the final evaluation (the reported score)
+    final_eval_episodes: int = 100  # episodes of the final evaluation (the reported score; authors: 100)
     log_every: int = 100  # record loss / weight statistics every N steps
 
     def __post_init__(self):
         if self.algo not in ALGOS:
             raise ValueError(f"unknown algo {self.algo!r}; choose from {ALGOS}")
-        for name in ("steps", "batch_size", "refresh_every", "log_every", "eval_episodes", "final_eval_episodes"):
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"TrainConfig.reduction={self.reduction!r} is not one of {REDUCTIONS}; 'episode' is the "
+                             "authors' (an episode counts ∝ its weight), 'step' counts it ∝ weight × length.")
+        for name in ("steps", "batch_size", "virtual_episodes", "refresh_every", "log_every", "eval_episodes", "final_eval_episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1.")
         for name in ("full_episodes", "warmup_steps", "eval_every"):
@@ -87,8 +112,9 @@ class TrainConfig:
 
     @classmethod
     def bc(cls, **kw) -> "TrainConfig":
-        """The authors' BC stage: 10k steps, Adam 1e-3, constant learning rate."""
-        return cls(**{**dict(algo="bc", steps=10_000, lr=1e-3, warmup_steps=0, cosine=False), **kw})
+        """The authors' BC stage: 10k steps, Adam 1e-3, constant learning rate, batches of 128 episodes."""
+        return cls(**{**dict(algo="bc", steps=10_000, lr=1e-3, warmup_steps=0, cosine=False, virtual_episodes=128),
+                      **kw})
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -102,6 +128,17 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+def state_hash(state: dict) -> str:
+    """sha256 (first 16 hex digits) of a state dict's tensors, by name: identifies p_ref / the initialisation."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class Trainer:
     """Holds the data (as torch tensors), the policy, q (EMA) and p_ref, and does one gradient step at a time."""
 
@@ -110,6 +147,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.env = data.env
+        self.eval_env = data.eval_env
         # which episodes are trained on, and how often each is sampled
         returns = data.returns
         if cfg.algo in ("filtered_bc", "iwsft"):
@@ -123,10 +161,12 @@ class Trainer:
             probs = None
         self.data = data
         E = data.num_episodes
-        self.episode_probs = np.full(E, 1.0 / E) if probs is None else probs
+        self.episode_probs = np.full(E, 1.0 / E) if probs is None else probs  # p_i [E]
         lengths = data.lengths
-        step_mass = self.episode_probs * lengths  # fast path: an episode is picked ∝ prob × length
-        self.step_probs = step_mass / step_mass.sum()
+        # sampled mode: log of the draw probability before the weights, log p_i (+ log T_i for the per-step reduction)
+        self.log_draw_base = torch.as_tensor(np.log(self.episode_probs), dtype=torch.float64)
+        if cfg.reduction == "step":
+            self.log_draw_base = self.log_draw_base + torch.as_tensor(np.log(lengths), dtype=torch.float64)
         self.obs = torch.as_tensor(data.observations)
         self.act = torch.as_tensor(data.actions)
         self.offsets = data.offsets
@@ -143,6 +183,9 @@ class Trainer:
         self.opt = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.step = 0
+        # exact mode with refresh every step: refresh only the batch's episodes (the others would be stale again
+        # before they are used; weight_summary refreshes all of them for logging)
+        self.batch_refresh = cfg.weighted and cfg.full_episodes > 0 and cfg.refresh_every == 1
         if cfg.weighted:
             if ref is None:
                 raise ValueError(f"{cfg.algo} needs the BC policy as p_ref")
@@ -150,8 +193,6 @@ class Trainer:
             self.logp_ref = ref.log_prob_chunked(self.obs, self.act)  # [N], p_ref is frozen: computed once
             self.log_ratio = torch.zeros(E)
             self.refresh()
-        # exact mode: refresh only the batch's episodes (the others would be stale again before they are used)
-        self.batch_refresh = cfg.weighted and cfg.full_episodes > 0 and cfg.refresh_every == 1
 
     # ---- importance weights
     @torch.no_grad()
@@ -176,36 +217,74 @@ class Trainer:
         return self.episode_log_weights().exp()
 
     # ---- batches
-    def sample_batch(self) -> torch.Tensor:
-        """Flat step indices of one batch."""
+    def draw_probs(self) -> np.ndarray:
+        """Sampled mode, unweighted: probability of drawing each episode [E], ∝ p_i (· T_i for reduction="step")."""
+        return torch.softmax(self.log_draw_base, 0).numpy()
+
+    def virtual_draw_probs(self, virtual: np.ndarray) -> np.ndarray:
+        """Sampled mode, weighted: probability of each draw d of the virtual batch `virtual` [B] (episode ids),
+        w_d / Σ_batch w (· T_d for reduction="step", renormalised); in log space, so weights of exp(-80)
+        (temperature 10) never underflow the whole distribution to 0."""
+        logits = self.episode_log_weights()[torch.as_tensor(virtual)].double()
+        if self.cfg.reduction == "step":
+            logits = logits + torch.as_tensor(np.log(self.lengths[virtual]), dtype=torch.float64)
+        return torch.softmax(logits, 0).numpy()
+
+    def sample_steps(self, virtual: np.ndarray | None) -> dict:
+        """`batch_size` steps: an episode (from the virtual batch ∝ its weight, else ∝ draw_probs), then a step
+        uniformly within it."""
+        M = self.cfg.batch_size
+        if virtual is None:
+            eps = self.rng.choice(len(self.lengths), size=M, p=self.draw_probs())
+        else:
+            eps = np.asarray(virtual)[self.rng.choice(len(virtual), size=M, p=self.virtual_draw_probs(virtual))]
+        within = (self.rng.random(M) * self.lengths[eps]).astype(np.int64)
+        return {"idx": torch.as_tensor(self.offsets[eps] + within), "episodes": torch.as_tensor(eps), "draw": None,
+                "virtual": virtual}
+
+    def sample_batch(self) -> dict:
+        """One batch: {"idx": flat step indices [M], "episodes": episode of each draw [B] (sampled mode: of each
+        step), "draw": draw of each step [M] (exact mode; None when each draw is one step), "virtual": the virtual
+        batch [B] (sampled, weighted)}."""
         cfg = self.cfg
         if cfg.full_episodes:
             eps = self.rng.choice(len(self.lengths), size=cfg.full_episodes, p=self.episode_probs)
-            return torch.cat([self.episode_steps[e] for e in eps.tolist()])
-        eps = self.rng.choice(len(self.lengths), size=cfg.batch_size, p=self.step_probs)
-        within = (self.rng.random(cfg.batch_size) * self.lengths[eps]).astype(np.int64)
-        return torch.as_tensor(self.offsets[eps] + within)
+            idx = torch.cat([self.episode_steps[e] for e in eps.tolist()])
+            draw = torch.repeat_interleave(torch.arange(len(eps)), torch.as_tensor(self.lengths[eps]))
+            return {"idx": idx, "episodes": torch.as_tensor(eps), "draw": draw}
+        virtual = None
+        if cfg.weighted:  # the authors' batch of episodes, drawn ∝ p_i
+            virtual = self.rng.choice(len(self.lengths), size=cfg.virtual_episodes, p=self.episode_probs)
+        return self.sample_steps(virtual)
 
-    def step_coefficients(self, idx: torch.Tensor, uniq: torch.Tensor, inverse: torch.Tensor):
-        """(c, normalised per-step weights or None) such that loss = −Σ_u c_u · log π(a_u|s_u) over the distinct
-        steps uniq (idx = uniq[inverse]): c_u sums w_j / len(idx) over the draws j of step u, so the loss is
-        −mean_j w_j log π(a_j|s_j) over the batch, as before, with each distinct step computed once."""
-        w = None
-        if self.cfg.weighted:
-            # mean 1 over the batch's steps; normalised in log space, so temperature 10 cannot underflow to 0
-            w = normalize_log_weights(self.episode_log_weights()[self.step_episode[idx]])
-        draws = torch.ones(len(idx)) if w is None else w
-        return torch.zeros(len(uniq)).index_add_(0, inverse, draws) / len(idx), w
+    def draw_coefficients(self, batch: dict):
+        """(c [M], normalised per-draw weights ŵ [B] or None): loss = −Σ_j c_j log π(a_j|s_j) over the batch's steps.
 
-    def train_step(self, idx: torch.Tensor | None = None) -> dict:
-        """One gradient step on the steps `idx` (sampled if None); returns loss, the batch and its weights."""
+        exact, episode:  c_j = ŵ_d / (B · T_d)     (d = draw of step j; ŵ = B·w/Σw, mean 1 over the B draws)
+        exact, step:     c_j = ŵ_d / Σ_d ŵ_d T_d
+        sampled:         c_j = 1 / M               (the weights are in the draw probabilities)
+        """
+        idx, draw, eps = batch["idx"], batch["draw"], batch["episodes"]
+        if draw is None:
+            return torch.full((len(idx),), 1.0 / len(idx)), None
+        w = normalize_log_weights(self.episode_log_weights()[eps]) if self.cfg.weighted else torch.ones(len(eps))
+        T = torch.as_tensor(self.lengths[eps.numpy()], dtype=torch.float32)
+        per_draw = w / (len(eps) * T) if self.cfg.reduction == "episode" else w / (w * T).sum()
+        return per_draw[draw], (w if self.cfg.weighted else None)
+
+    def train_step(self, batch: dict | None = None) -> dict:
+        """One gradient step on `batch` (sampled if None); returns loss, the batch and its normalised weights."""
         cfg = self.cfg
-        idx = self.sample_batch() if idx is None else idx
+        if cfg.weighted and not self.batch_refresh and self.step % cfg.refresh_every == 0 and self.step > 0:
+            self.refresh()  # before sampling: the sampled mode draws episodes ∝ the weights
+        batch = self.sample_batch() if batch is None else batch
+        idx = batch["idx"]
+        if self.batch_refresh and self.step > 0:
+            self.refresh(batch["episodes"].unique())
         # a batch drawn with replacement repeats steps (256 episodes from ~95): networks run once per distinct step
         uniq, inverse = torch.unique(idx, return_inverse=True)
-        if cfg.weighted and self.step % cfg.refresh_every == 0 and self.step > 0:
-            self.refresh(self.step_episode[uniq].unique() if self.batch_refresh else None)
-        coef, w = self.step_coefficients(idx, uniq, inverse)
+        c, w = self.draw_coefficients(batch)
+        coef = torch.zeros(len(uniq)).index_add_(0, inverse, c)
         self.opt.zero_grad(set_to_none=True)
         loss = 0.0
         # forward/backward in chunks of rows, accumulating gradients: the activations stay in cache (~1.5x faster on
@@ -220,9 +299,10 @@ class Trainer:
         if cfg.weighted:
             self.ema.update(self.policy)
         self.step += 1
-        return {"loss": loss, "idx": idx, "weights": w}
+        return {"loss": loss, "batch": batch, "weights": w}
 
     def weight_summary(self) -> dict:
+        """weight_stats of the raw weights of all training episodes (max, ESS fraction, clip fractions, ...)."""
         if not self.cfg.weighted:
             return {}
         if self.batch_refresh:
@@ -231,13 +311,17 @@ class Trainer:
         return weight_stats(w, clip_min=self.cfg.clip_min, clip_max=self.cfg.clip_max, log_ratio=self.log_ratio)
 
     def evaluate(self, episodes: int, seed: int) -> dict:
-        return evaluate(NumpyPolicy(self.policy), self.env, episodes, seed)
+        return evaluate(NumpyPolicy(self.policy), self.env, episodes, seed, eval_env=self.eval_env)
 
 
 def train(cfg: TrainConfig, data: Episodes, init: dict | None = None, ref: GaussianPolicy | None = None,
           progress=None) -> dict:
-    """Runs one training job; returns the result dict (config, curve, final score, episode weights)."""
+    """Runs one training job; returns the result dict (config, curve, final score, episode weights, versions).
+
+    Raises ValueError before training if the data's observation/action sizes do not fit the evaluation env."""
     torch.set_num_threads(1)
+    eval_env = data.eval_env or get_env(data.env).gym_id
+    check_shapes(eval_env, data.observations.shape[1], data.actions.shape[1], data.source or "dataset")
     t0 = time.time()
     tr = Trainer(cfg, data, init, ref)
     curve, losses = [], []
@@ -266,6 +350,8 @@ def train(cfg: TrainConfig, data: Episodes, init: dict | None = None, ref: Gauss
     return {
         "config": asdict(cfg), "final": final, "curve": curve, "train_time_s": train_time,
         "wall_time_s": time.time() - t0, "train_episodes": tr.data.num_episodes, "train_steps": tr.data.num_steps,
+        "eval_env": describe_env(eval_env), "versions": versions(),
+        "init_hash": state_hash(init) if init is not None else None,
         "episode_weights": tr.episode_weights().tolist() if cfg.weighted else None,
         "episode_returns": tr.data.returns.tolist() if cfg.weighted else None,
         "state_dict": tr.policy.state_dict(),

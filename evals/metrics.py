@@ -4,7 +4,10 @@ For one problem with k sampled outputs:
 - ``acc``       mean correctness over the k samples (avg@k; with k = 1 this is the greedy score);
 - ``maj_at_k``  1 if the most frequent (equivalence-pooled) answer is correct (maj@k);
 - ``pass_at_k`` 1 if any of the k samples is correct (pass@k);
-- ``unparseable`` number of samples with no readable answer.
+- ``no_answer``  number of samples that finished without a readable answer;
+- ``truncated``  number of samples with no readable answer that hit ``max_gen_toks`` (inferred, see
+  :func:`evals.scoring.looks_truncated`);
+- ``unparseable`` ``no_answer + truncated`` (kept for older result files and scripts).
 The task score is the mean over problems; the 95% interval is a percentile bootstrap over problems
 (numpy, seeded).
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from evals.scoring import Verdict, majority_answer, pred_correct
+from evals.scoring import NO_ANSWER, TRUNCATED, Verdict, majority_answer, pred_correct
 
 
 def sample_metrics(kind: str, verdicts: Sequence[Verdict], gold: str) -> dict[str, float]:
@@ -28,6 +31,8 @@ def sample_metrics(kind: str, verdicts: Sequence[Verdict], gold: str) -> dict[st
         "acc": sum(correct) / k,
         "maj_at_k": float(pred_correct(kind, majority, gold)) if majority is not None else 0.0,
         "pass_at_k": float(any(correct)),
+        "no_answer": float(sum(v.status == NO_ANSWER for v in verdicts)),
+        "truncated": float(sum(v.status == TRUNCATED for v in verdicts)),
         "unparseable": float(sum(not v.parseable for v in verdicts)),
     }
 

@@ -222,8 +222,38 @@ def evaluate_run(lm, keys: list[str], metadata: dict, out_dir: Path, *, repeats:
     return results, samples
 
 
-def summarise_run(results: dict, samples: dict[str, list[dict]], keys: list[str], n_boot: int, seed: int
-                  ) -> dict[str, dict]:
+def _kind(key: str) -> str:
+    return {"aime24": "aime", "aime25": "aime", "math500": "math", "gpqa_diamond": "gpqa"}[key]
+
+
+def recount_unread(samples: list[dict], key: str, count_tokens, max_gen_toks: int) -> dict[str, int]:
+    """(no_answer, truncated) of one task's outputs with the truncation read off the generated token count.
+
+    lm-eval's ``process_results`` sees only the text, so the task metrics infer truncation from it (see
+    :func:`evals.scoring.looks_truncated`); the runner has the tokenizer and ``max_gen_toks``, so it recounts the
+    outputs the task scored unread: ``count_tokens(output) >= max_gen_toks`` is ``truncated``, else ``no_answer``.
+    The set of unread outputs (and so ``acc``) is the task's own; only the split between the two counts changes.
+    """
+    from evals.scoring import ANSWERED, verify
+
+    counts = {"no_answer": 0, "truncated": 0}
+    for s in samples:
+        if not (s.get("no_answer", 0) or s.get("truncated", 0) or s.get("unparseable", 0)):
+            continue
+        doc = s["doc"]
+        for out in s["resps"][0]:
+            v = verify(_kind(key), out, doc["answer"], choices=list(doc.get("choices") or []) or None)
+            if v.status == ANSWERED:
+                continue
+            counts["truncated" if count_tokens(out) >= max_gen_toks else "no_answer"] += 1
+    return counts
+
+
+def summarise_run(results: dict, samples: dict[str, list[dict]], keys: list[str], n_boot: int, seed: int,
+                  count_tokens=None, max_gen_toks: int | None = None) -> dict[str, dict]:
+    """Per-task figures of one lm-eval run; with ``count_tokens`` (output text -> generated token count) and
+    ``max_gen_toks``, no_answer/truncated come from :func:`recount_unread` (``truncation_from: tokens``), else from
+    the task metrics (``truncation_from: text``)."""
     out = {}
     for key in keys:
         tname = task_name(key)
@@ -240,9 +270,22 @@ def summarise_run(results: dict, samples: dict[str, list[dict]], keys: list[str]
             "maj_at_k": res["maj_at_k,none"],
             "pass_at_k": res["pass_at_k,none"],
             "unparseable": int(res["unparseable,none"]),
+            "no_answer": int(res.get("no_answer,none", res["unparseable,none"])),
+            "truncated": int(res.get("truncated,none", 0)),
+            "truncation_from": "text",
             "outputs": len(per_doc) * k,
         }
+        if count_tokens is not None and max_gen_toks is not None:
+            out[key].update(recount_unread(samples[tname], key, count_tokens, max_gen_toks), truncation_from="tokens")
     return out
+
+
+def token_counter(checkpoint: Path):
+    """output text -> number of tokens the checkpoint's tokenizer gives it (the generated token count)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(checkpoint))
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def evaluate_checkpoint(args, checkpoint: Path, label: str, out_root: Path) -> dict:
@@ -262,9 +305,11 @@ def evaluate_checkpoint(args, checkpoint: Path, label: str, out_root: Path) -> d
     res, smp = evaluate_run(lm, keys, metadata, out_dir / "greedy", repeats=1,
                             gen_kwargs={"do_sample": False, "temperature": 0.0, "max_gen_toks": args.max_gen_toks},
                             limit=args.limit, seed=args.seed, model_args=margs)
+    count_tokens = token_counter(checkpoint)
     summary["runs"]["greedy"] = {"dir": str(out_dir / "greedy"), "files": res.get("files", []),
                                  "seconds": round(time.time() - t1, 1),
-                                 "tasks": summarise_run(res, smp, keys, args.bootstrap, args.seed)}
+                                 "tasks": summarise_run(res, smp, keys, args.bootstrap, args.seed, count_tokens,
+                                                        args.max_gen_toks)}
     if args.samples:
         run_name = f"k{args.samples}_t{args.temperature:g}"
         gk: dict[str, Any] = {"do_sample": True, "temperature": args.temperature, "max_gen_toks": args.max_gen_toks}
@@ -275,7 +320,8 @@ def evaluate_checkpoint(args, checkpoint: Path, label: str, out_root: Path) -> d
                                 limit=args.limit, seed=args.seed, model_args=margs)
         summary["runs"]["sampled"] = {"dir": str(out_dir / run_name), "files": res.get("files", []),
                                       "seconds": round(time.time() - t1, 1),
-                                      "tasks": summarise_run(res, smp, keys, args.bootstrap, args.seed)}
+                                      "tasks": summarise_run(res, smp, keys, args.bootstrap, args.seed,
+                                                             count_tokens, args.max_gen_toks)}
     summary["seconds"] = round(time.time() - t0, 1)
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
@@ -300,12 +346,17 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+def _count(t: dict, key: str) -> str:
+    # summaries written before the no_answer/truncated split carry only "unparseable"
+    return str(t[key]) if key in t else "-"
+
+
 def table(summaries: list[dict]) -> str:
     """One screen: a row per task and checkpoint."""
     k = next((s["samples"] for s in summaries if s.get("samples")), 0)
-    head = ["task", "model", "n", "greedy", "unparsed"]
+    head = ["task", "model", "n", "greedy", "no_answer", "truncated"]
     if k:
-        head += [f"avg@{k} [95% CI]", f"maj@{k}", f"pass@{k}", "unparsed"]
+        head += [f"avg@{k} [95% CI]", f"maj@{k}", f"pass@{k}", "no_answer", "truncated"]
     rows = [head]
     tasks: list[str] = []
     for s in summaries:
@@ -317,20 +368,23 @@ def table(summaries: list[dict]) -> str:
             g = s["runs"]["greedy"]["tasks"].get(t)
             if g is None:
                 continue
-            row = [task_name(t), s["label"], str(g["n"]), _pct(g["acc"]), str(g["unparseable"])]
+            row = [task_name(t), s["label"], str(g["n"]), _pct(g["acc"]), _count(g, "no_answer"),
+                   _count(g, "truncated")]
             if k:
                 sm = s["runs"].get("sampled", {}).get("tasks", {}).get(t)
                 if sm:
                     lo, hi = sm["ci95"]
                     row += [f"{_pct(sm['acc'])} [{_pct(lo)}, {_pct(hi)}]", _pct(sm["maj_at_k"]),
-                            _pct(sm["pass_at_k"]), f"{sm['unparseable']}/{sm['outputs']}"]
+                            _pct(sm["pass_at_k"]), f"{_count(sm, 'no_answer')}/{sm['outputs']}",
+                            f"{_count(sm, 'truncated')}/{sm['outputs']}"]
                 else:
-                    row += ["-"] * 4
+                    row += ["-"] * 5
             rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    note = "scores in %; greedy = s1 protocol (temperature 0); unparsed = outputs with no readable answer"
+    note = ("scores in %; greedy = s1 protocol (temperature 0); no_answer = finished without a readable answer, "
+            "truncated = no readable answer and hit max_gen_toks (both scored wrong)")
     limits = {s.get("limit") for s in summaries} - {None}
     if limits:
         note += f"; LIMITED to the first {'/'.join(str(x) for x in sorted(limits))} problems per task"

@@ -1,58 +1,125 @@
 """Deterministic scoring: integers for AIME, math-verify equivalence for MATH500, letters for GPQA.
 
-Every judgement is local and reproducible (no network judge). ``score_*`` functions take the raw model output
-and return a :class:`Verdict` with the extracted answer, whether it is correct and whether it was parseable.
+Every judgement is local and reproducible (no network judge). :func:`verify` (and ``score_aime`` /
+``score_math`` / ``score_gpqa``) take the raw model output and the gold answer and return a :class:`Verdict`: the
+answer read (rules in :mod:`evals.extract` and docs/evals.md), whether it is correct, and - when nothing could be
+read - whether the output was ``truncated`` (it hit ``max_gen_toks``) or finished with ``no_answer``.
+
+Truncation (``Verdict.status == "truncated"``): when the generated token count and ``max_gen_toks`` are passed,
+``gen_tokens >= max_gen_toks``; otherwise (lm-eval's ``process_results`` sees only the text, with the stop string
+already removed) it is inferred from the text: a think phase opened and never closed (s1 ``<|im_start|>think``
+without ``<|im_start|>answer``, R1 ``<think>`` without ``</think>``), a ``\boxed{`` left open, or - when no
+end-of-turn marker was seen - text that stops without a sentence end.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 
-from evals.extract import extract_answer, extract_choice
+from evals.extract import (
+    AMBIGUOUS,
+    cue_statements,
+    final_choice,
+    final_math_answer,
+    has_open_box,
+    is_math_only,
+    parse_latex_answer,
+    split_reply,
+)
+
+ANSWERED, NO_ANSWER, TRUNCATED = "answered", "no_answer", "truncated"
+KINDS = ("aime", "math", "gpqa")
 
 
 @dataclass(frozen=True)
 class Verdict:
-    pred: str | None  # the extracted (normalised) answer; None when nothing could be read
-    correct: bool  # the extracted answer matches the gold answer
-    parseable: bool  # an answer could be read (False: counted in the `unparseable` metric, and wrong)
+    pred: str | None  # the answer read (as written; the letter for GPQA); None when nothing could be read
+    correct: bool  # the answer read matches the gold answer
+    parseable: bool  # an answer could be read (False: counted as no_answer or truncated, and wrong)
+    status: str = field(default="")  # "answered", "no_answer" or "truncated" (default: from ``parseable``)
+
+    def __post_init__(self):
+        if not self.status:
+            object.__setattr__(self, "status", ANSWERED if self.parseable else NO_ANSWER)
+        if self.status not in (ANSWERED, NO_ANSWER, TRUNCATED):
+            raise ValueError(f"Verdict.status must be answered, no_answer or truncated, got {self.status!r}")
 
 
-# ------------------------------------------------------------------------------------------------ math-verify glue
+# ------------------------------------------------------------------------------------------------ truncation
 
 
-def _math_verify():
-    try:
-        import math_verify
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "math-verify is required for scoring; install it with `pip install \"lm-eval[math]\"`"
-        ) from e
+def looks_truncated(output: str, gen_tokens: int | None = None, max_gen_toks: int | None = None) -> bool:
+    """Whether an output stopped at the token limit (see the module docstring for the exact rule)."""
+    if gen_tokens is not None and max_gen_toks is not None:
+        return gen_tokens >= max_gen_toks
+    reply = split_reply(output or "")
+    if reply.think_unfinished:
+        return True
+    if has_open_box(reply.region):
+        return True
+    if reply.ended:
+        return False
+    tail = reply.region.rstrip()
+    if not tail:
+        return False  # nothing after the last phase header: the model stopped there, it did not run out of tokens
+    if re.search(r"(?:[.!?)\]}*$`\"'\u3002]|\\\]|\\\))\s*\Z", tail):
+        return False  # a sentence end
+    last_line = tail.split("\n")[-1]
+    # a last line that is an answer statement ("Answer: B or C") or only a value ("204") is a finished reply
+    value_line = is_math_only(last_line.strip("*_ ")) and not re.search(r"[-+*/=(,^_\\{]\s*\Z", last_line)
+    return not (cue_statements(last_line) or value_line)
+
+
+def _unread(output: str, gen_tokens, max_gen_toks) -> Verdict:
+    status = TRUNCATED if looks_truncated(output, gen_tokens, max_gen_toks) else NO_ANSWER
+    return Verdict(None, False, False, status)
+
+
+def _region(output: str, gen_tokens, max_gen_toks) -> str | None:
+    """The answer region, or None when the think phase is unfinished and the output is (or may be) truncated.
+
+    A think phase that never closed is read only when the token count shows the model stopped by itself (then the
+    think text is its reply, as in s1's extraction).
+    """
+    reply = split_reply(output or "")
+    if reply.think_unfinished:
+        finished = gen_tokens is not None and max_gen_toks is not None and gen_tokens < max_gen_toks
+        return reply.region if (finished or reply.ended) else None
+    return reply.region
+
+
+# ------------------------------------------------------------------------------------------------ comparison
+
+
+def _mv():
+    import math_verify
+
     return math_verify
 
 
-@lru_cache(maxsize=4096)
-def _parse(latex: str):
-    """math-verify parse of an answer string (wrapped in \\boxed{} so bare expressions are found)."""
-    mv = _math_verify()
-    return tuple(mv.parse("\\boxed{" + latex + "}", parsing_timeout=5))
+def gold_parse(gold: str) -> tuple:
+    """math-verify parse of a gold answer (same normalisation as a box: units and percent signs dropped)."""
+    return parse_latex_answer(str(gold).strip())
+
+
+def parsed_equal(gold: str, pred_parsed: tuple) -> bool:
+    """math-verify equivalence of a gold string and a parsed prediction (gold first: the order matters there)."""
+    gold_p = gold_parse(gold)
+    if not gold_p or not pred_parsed:
+        return False
+    return bool(_mv().verify(list(gold_p), list(pred_parsed), timeout_seconds=5))
 
 
 def math_equal(gold: str, pred: str | None) -> bool:
-    """Symbolic equivalence of two answer strings with math-verify (gold first: the order matters there)."""
+    """Symbolic equivalence of two answer strings with math-verify (gold first)."""
     if pred is None:
         return False
-    gold_p = _parse(str(gold).strip())
-    pred_p = _parse(pred.strip())
-    if not gold_p or not pred_p:
-        return False
-    return bool(_math_verify().verify(list(gold_p), list(pred_p), timeout_seconds=5))
+    return parsed_equal(gold, parse_latex_answer(pred.strip()))
 
 
 def math_parseable(pred: str | None) -> bool:
-    return pred is not None and bool(_parse(pred.strip()))
+    return pred is not None and bool(parse_latex_answer(pred.strip()))
 
 
 # --------------------------------------------------------------------------------------------------------- AIME
@@ -79,34 +146,71 @@ def as_integer(s: str | None) -> int | None:
     return None
 
 
-def score_aime(output: str, gold: str | int) -> Verdict:
-    """AIME: integer comparison (leading zeros ignored); non-integer answers go through math-verify."""
-    pred = extract_answer(output)
-    if pred is None:
-        return Verdict(None, False, False)
+def _parsed_integer(parsed: tuple) -> int | None:
+    """The integer a math-verify parse stands for (``Integer(33)``), else None."""
+    for p in parsed:
+        if isinstance(p, str):
+            continue
+        if getattr(p, "is_Integer", False):
+            return int(p)
+        return None
+    return None
+
+
+def score_aime(output: str, gold: str | int, *, gen_tokens: int | None = None,
+               max_gen_toks: int | None = None) -> Verdict:
+    """AIME: integer comparison (leading zeros ignored); a non-integer form (``\\frac{66}{2}``) goes through
+    math-verify. ``gen_tokens``/``max_gen_toks``: see :func:`looks_truncated`."""
+    region = _region(output, gen_tokens, max_gen_toks)
+    reading = final_math_answer(region, allow_fallback=not _known_truncated(gen_tokens, max_gen_toks)) \
+        if region is not None else None
+    if reading is None:
+        return _unread(output, gen_tokens, max_gen_toks)
     gold_int = as_integer(str(gold))
-    pred_int = as_integer(pred)
+    pred_int = as_integer(reading.text)
+    if pred_int is None:
+        pred_int = _parsed_integer(reading.parsed)
     if pred_int is not None and gold_int is not None:
         return Verdict(str(pred_int), pred_int == gold_int, True)
-    if not math_parseable(pred):
-        return Verdict(pred, False, False)
-    return Verdict(pred, math_equal(str(gold), pred), True)
+    return Verdict(reading.text, parsed_equal(str(gold), reading.parsed), True)
 
 
-def score_math(output: str, gold: str) -> Verdict:
-    """MATH500: math-verify symbolic equivalence of the extracted answer and the gold answer."""
-    pred = extract_answer(output)
-    if pred is None or not math_parseable(pred):
-        return Verdict(pred, False, False)
-    return Verdict(pred, math_equal(gold, pred), True)
+def _known_truncated(gen_tokens, max_gen_toks) -> bool:
+    return gen_tokens is not None and max_gen_toks is not None and gen_tokens >= max_gen_toks
 
 
-def score_gpqa(output: str, gold_letter: str, choices: list[str] | None = None) -> Verdict:
-    """GPQA: letter A-D; an unreadable answer is unparseable (and wrong), never a default letter."""
-    letter = extract_choice(output, choices)
-    if letter is None:
-        return Verdict(None, False, False)
+def score_math(output: str, gold: str, *, gen_tokens: int | None = None, max_gen_toks: int | None = None) -> Verdict:
+    """MATH500: math-verify equivalence of the answer read and the gold answer (percent, degree and unit signs
+    dropped on both sides)."""
+    region = _region(output, gen_tokens, max_gen_toks)
+    reading = final_math_answer(region, allow_fallback=not _known_truncated(gen_tokens, max_gen_toks)) \
+        if region is not None else None
+    if reading is None:
+        return _unread(output, gen_tokens, max_gen_toks)
+    return Verdict(reading.text, parsed_equal(gold, reading.parsed), True)
+
+
+def score_gpqa(output: str, gold_letter: str, choices: list[str] | None = None, *, gen_tokens: int | None = None,
+               max_gen_toks: int | None = None) -> Verdict:
+    """GPQA: letter A-D; an unreadable or ambiguous answer is never given a default letter."""
+    region = _region(output, gen_tokens, max_gen_toks)
+    letter = final_choice(region, choices) if region is not None else None
+    if letter is None or letter == AMBIGUOUS:
+        return _unread(output, gen_tokens, max_gen_toks)
     return Verdict(letter, letter == gold_letter.strip().upper(), True)
+
+
+def verify(kind: str, output: str, gold: str | int, *, choices: list[str] | None = None,
+           gen_tokens: int | None = None, max_gen_toks: int | None = None) -> Verdict:
+    """One entry point: ``kind`` is ``aime``, ``math`` or ``gpqa`` (gold: the letter; ``choices``: the option texts
+    in A-D order, optional)."""
+    if kind == "aime":
+        return score_aime(output, gold, gen_tokens=gen_tokens, max_gen_toks=max_gen_toks)
+    if kind == "math":
+        return score_math(output, str(gold), gen_tokens=gen_tokens, max_gen_toks=max_gen_toks)
+    if kind == "gpqa":
+        return score_gpqa(output, str(gold), choices, gen_tokens=gen_tokens, max_gen_toks=max_gen_toks)
+    raise ValueError(f"verify: kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
 # ----------------------------------------------------------------------------------------------- majority voting

@@ -79,5 +79,5 @@ def process_gpqa(doc, results):
 
 
 def total(items):
-    """Aggregation: the sum (used for the unparseable-answer count)."""
+    """Aggregation: the sum (used for the no_answer / truncated / unparseable counts)."""
     return float(sum(items))

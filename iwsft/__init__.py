@@ -4,6 +4,7 @@ The weighting core in plain PyTorch (this package never imports torchtune; the t
 """
 
 from iwsft.ema import EMA
+from iwsft.fused import FusedOutputHead, fused_token_log_probs
 from iwsft.losses import ChunkedWeightedNLL, token_log_probs, weighted_nll
 from iwsft.quality import (
     QualitySampler,
@@ -31,7 +32,7 @@ from iwsft.weights import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "EMA", "ChunkedWeightedNLL", "QualitySampler", "ReferenceLogProbs", "WeightingConfig", "fingerprint", "importance_weights",
+    "EMA", "ChunkedWeightedNLL", "FusedOutputHead", "fused_token_log_probs", "QualitySampler", "ReferenceLogProbs", "WeightingConfig", "fingerprint", "importance_weights",
     "level_sampling_probs", "normalize_log_weights", "normalize_weights", "offsets_to_segment_ids", "percentile_levels", "quality_weights",
     "segment_ids_from_mask", "segment_sum", "sequence_log_ratio", "sequence_log_weights", "sequence_weights", "token_log_probs",
     "token_weights", "top_fraction_mask", "weight_stats", "weighted_nll",

@@ -34,6 +34,9 @@ Features (config key → what it does):
       and the starting checkpoint files. A cache with the same key is reused (re-runs, resume); a different key
       is recomputed. No second model in memory.
     * ``model``: a frozen, sharded copy of the starting model computes ``log p_ref`` for every micro-batch.
+    * ``dataset``: the log-probs recorded in the data by ``python -m iwsft.curate`` (the model's own samples: the
+      exact sampling policy, temperature/top-p included); needs ``iwsft.tune.datasets.curated_dataset``, which
+      refuses a row whose tokenization differs from the recorded token ids. No precompute pass, no second model.
     * ``adapters_off``: LoRA only; the training model itself, with its adapters disabled
       (``torchtune.modules.peft.disable_adapter``), under ``no_grad``.
   ``reference.batch_size`` sets the micro-batch of the precompute pass (default ``batch_size``).
@@ -48,6 +51,11 @@ Features (config key → what it does):
 - ``enable_activation_checkpointing``: full AC per transformer layer.
 - Chunked output: ``loss.num_output_chunks`` (``iwsft.ChunkedWeightedNLL``) is always passed to
   ``model.set_num_output_chunks`` (no class-name check); logits are only upcast to fp32 chunk by chunk.
+- Fused output (``loss.fused: true``): ``iwsft.FusedOutputHead`` makes the output projection return the per-token
+  log-probs directly (projection + log-softmax ``loss.fused_chunk_size`` label tokens at a time, recomputed in
+  the backward), so the ``[tokens, vocab]`` logits never exist; same values and gradients. Used by every
+  log-prob pass (training, reference precompute, ``model``/``adapters_off`` reference, EMA ``q``).
+  ``loss.fused_backend: cce`` selects the cut-cross-entropy CUDA kernel (optional package).
 - Exact gradient accumulation and data parallelism: each micro-batch backpropagates its weighted *sum*; at the
   optimizer step the label-token count is all-reduced and gradients are scaled by ``world_size / num_tokens``
   (the world-size factor undoes FSDP2's gradient averaging), as torchtune does. ``gradient_accumulation_steps``,
@@ -83,6 +91,9 @@ error says which key to change.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -119,13 +130,18 @@ from torchtune.training.lr_schedulers import get_lr
 log = utils.get_logger("INFO")
 
 METHODS = ("iwsft", "sft")
-STRATEGIES = ("precomputed", "model", "adapters_off")
+STRATEGIES = ("precomputed", "model", "adapters_off", "dataset")
 QUALITY_USES = ("none", "weight", "sample")
 DEFAULT_COLLATE = "iwsft.tune.collate.padded_collate_iwsft"
 CACHE_NAME = "reference_logprobs.pt"
 ADAPTER_SUBDIR = "adapter"  # LoRA: epoch_N/adapter/{adapter_model.safetensors, adapter_config.json, adapter_model.pt}
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"  # written last into epoch_N/: without it the save of that epoch never finished
 RECIPE_STATE = Path("recipe_state") / "recipe_state.pt"  # under output_dir, where torchtune's checkpointer reads it
+LOCK_NAME = "iwsft_run.lock"  # output_dir/iwsft_run.lock: held (flock) by rank 0 for the run's lifetime
+SUMMARY_NAME = "run_summary.json"  # output_dir/run_summary.json: rows and steps not trained on, per cause
+REDUCTIONS = ("token", "sequence")
+# HF layouts without the Llama RoPE row permutation: torchtune 0.6.1 still permutes q/k lora_B for the PEFT adapter
+NO_ROPE_PERMUTE_MODEL_TYPES = ("QWEN2",)
 IGNORE_INDEX = -100
 
 
@@ -169,9 +185,17 @@ def validate_config(cfg: DictConfig) -> None:
     if ref.get("batch_size", None) is not None and int(ref.get("batch_size")) < 1:
         errors.append("reference.batch_size must be >= 1.")
     try:
-        weighting_config(cfg)
+        wcfg = weighting_config(cfg)
+        if method == "iwsft" and wcfg.clip_max is None and not wcfg.normalize:
+            errors.append("weighting.clip_max=null needs weighting.normalize=true: an unclipped weight "
+                          "exp(temperature · log-ratio) overflows to inf (then NaN) as the model moves away from "
+                          "p_ref; normalised weights are formed in log space and cannot. Set a finite "
+                          "weighting.clip_max (the authors: 16) or weighting.normalize=true.")
     except (ValueError, TypeError) as exc:
         errors.append(str(exc))
+    skip = cfg.get("skip_nonfinite_steps", 0)
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        errors.append(f"skip_nonfinite_steps={skip!r} must be an integer >= 0 (0: stop at the first non-finite step).")
     q = (cfg.get("weighting", None) or {}).get("q", "current")
     if q not in ("current", "ema"):
         errors.append(f"weighting.q={q!r}: use `current` (the paper's LLM setting) or `ema`.")
@@ -222,9 +246,19 @@ def validate_config(cfg: DictConfig) -> None:
         errors.append("dataset.packed=true is not supported: torchtune's PackedDataset drops `sample_id`, which "
                       "iw-SFT needs; set dataset.packed=false.")
     loss = cfg.get("loss", None)
+    if loss is not None and loss.get("fused", False) and loss.get("fused_backend", "torch") == "cce" \
+            and device == "cpu":
+        errors.append("loss.fused_backend=cce is a CUDA kernel; use loss.fused_backend=torch with device=cpu.")
+    if loss is not None and loss.get("fused", False) and (cfg.get("model", None) or {}).get("apply_lora_to_output",
+                                                                                           False):
+        errors.append("loss.fused=true does not support LoRA on the output projection: set "
+                      "model.apply_lora_to_output=false or loss.fused=false.")
     if loss is not None and not str(loss.get("_component_", "")).endswith("ChunkedWeightedNLL"):
         errors.append(f"loss._component_={loss.get('_component_')!r}: this recipe computes the loss with "
                       "iwsft.ChunkedWeightedNLL (set loss._component_: iwsft.ChunkedWeightedNLL, num_output_chunks).")
+    if loss is not None and loss.get("reduction", "token") not in REDUCTIONS:
+        errors.append(f"loss.reduction={loss.get('reduction')!r}: use `sequence` (each sequence's mean, then the "
+                      "mean over sequences: the authors') or `token` (global token mean: torchtune's).")
     ckpt = cfg.get("checkpointer", None)
     if ckpt is not None and cfg.get("output_dir", None) is not None:
         if ckpt.get("output_dir", cfg.output_dir) != cfg.output_dir:
@@ -242,6 +276,109 @@ def _ensure_process_env() -> None:
         port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+class OutputDirLock:
+    """Exclusive lock on ``output_dir`` for a run's lifetime: ``output_dir/iwsft_run.lock``, held with ``flock``.
+
+    The file names the holder (``{"host", "pid", "started"}``, JSON). The kernel drops the lock when the holding
+    process dies, however it dies, so a lock that can be taken while the file still names a holder is stale (that
+    process is gone, e.g. SIGKILL or a crash): it is taken over with a warning. A clean release empties the file
+    (it is never unlinked: a waiter holding the old inode would otherwise run alongside a new one).
+
+    Raises ``RuntimeError`` naming the holder's host and pid if another live process holds the lock.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / LOCK_NAME
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown holder"
+            f.close()
+            raise RuntimeError(
+                f"output_dir {output_dir} is in use by another run ({holder}; lock file {self.path}). Two runs "
+                "writing one output_dir corrupt each other's checkpoints: wait until it ends, stop it "
+                "(kill -TERM that pid; see README 'Stopping and resuming'), or choose another output_dir.") from None
+        f.seek(0)
+        previous = f.read().strip()
+        if previous:
+            log.warning(f"{self.path}: taking over the stale lock of a run that is gone ({previous}).")
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}))
+        f.flush()
+        os.fsync(f.fileno())
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.flush()
+        self._file.close()  # closing drops the flock
+        self._file = None
+
+
+def _sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """Streamed sha256 of a file (hardware-accelerated in OpenSSL: roughly 1-2 GB/s per core)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def verify_checkpoint_files(epoch_dir: Path) -> None:
+    """Check every file listed in ``epoch_dir/CHECKPOINT_COMPLETE`` against its recorded size and sha256.
+
+    Raises ``RuntimeError`` naming the first file that is missing, has another size, or another checksum.
+    Markers written before checksums were recorded (``{"file": size}``) are checked for size only.
+    """
+    marker_path = epoch_dir / COMPLETE_MARKER
+    try:
+        files = json.loads(marker_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RuntimeError(f"{marker_path} is unreadable ({exc}): the checkpoint cannot be verified; resume from "
+                           "a copy of output_dir with an intact epoch, or start afresh (resume_from_checkpoint=false)."
+                           ) from None
+    fix = ("The file was damaged after the save (overwritten, truncated, disk error): restore it from a copy, or "
+           "start afresh with resume_from_checkpoint=false and a new output_dir.")
+    for name, rec in sorted(files.items()):
+        path = epoch_dir / name
+        size, digest = (rec, None) if isinstance(rec, int) else (rec.get("size"), rec.get("sha256"))
+        if not path.is_file():
+            raise RuntimeError(f"checkpoint file {path} listed in {marker_path} is missing. {fix}")
+        if path.stat().st_size != size:
+            raise RuntimeError(f"checkpoint file {path} has {path.stat().st_size} bytes but {size} were saved. {fix}")
+        if digest is not None and _sha256(path) != digest:
+            raise RuntimeError(f"checkpoint file {path} does not match the sha256 recorded when it was saved. {fix}")
+
+
+def _peft_qk_without_rope_permutation(peft_sd: Dict[str, torch.Tensor], num_heads: int, num_kv_heads: int,
+                                      head_dim: int) -> Dict[str, torch.Tensor]:
+    """Undo the row permutation torchtune 0.6.1 applies to q/k ``lora_B`` in the PEFT adapter.
+
+    ``tune_to_peft_adapter_weights`` permutes the rows of every ``q_proj``/``k_proj`` ``lora_B`` [heads·head_dim, r]
+    as ``view(h, head_dim/2, 2, r).transpose(1, 2)`` (the Llama RoPE layout of Meta → HF weights). Qwen2's
+    HF weights have no such permutation (``qwen2_tune_to_hf`` copies q/k as is), so for Qwen2 the adapter must not
+    have it either; this applies the inverse ``view(h, 2, head_dim/2, r).transpose(1, 2)``.
+    """
+    out = {}
+    for key, t in peft_sd.items():
+        if "lora_B" in key and ("q_proj" in key or "k_proj" in key):
+            h = num_heads if "q_proj" in key else num_kv_heads
+            r = t.shape[-1]
+            t = t.view(h, 2, head_dim // 2, r).transpose(1, 2).reshape(h * head_dim, r).contiguous()
+        out[key] = t
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -262,6 +399,19 @@ class IWSFTRecipeDistributed:
             dist.init_process_group(backend)
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
+        # One run per output_dir: rank 0 holds the lock until cleanup (or until it dies); every rank stops if it
+        # cannot be taken (a broadcast, so no rank waits at a later collective).
+        self._lock = None
+        err = None
+        if self._is_rank_zero:
+            try:
+                self._lock = OutputDirLock(Path(cfg.output_dir))
+            except RuntimeError as exc:
+                err = str(exc)
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise RuntimeError(box[0])
 
         self._method = cfg.get("method", "iwsft")
         self._wcfg = weighting_config(cfg)
@@ -279,6 +429,9 @@ class IWSFTRecipeDistributed:
         self._resume = bool(cfg.get("resume_from_checkpoint", False))
         self._grad_accum = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
+        self._skip_nonfinite = int(cfg.get("skip_nonfinite_steps", 0))
+        self._model_type = str(cfg.checkpointer.get("model_type", ""))
+        self.skipped = {"no_label_tokens": 0, "non_finite": 0}  # optimizer steps not taken, per cause
         self._batch_size = cfg.batch_size
         self.seed = training.set_seed(seed=cfg.get("seed", None))
         self.epochs_run = 0
@@ -310,8 +463,7 @@ class IWSFTRecipeDistributed:
 
         self._loss_fn = config.instantiate(cfg.get("loss", None) or {"_component_": "iwsft.ChunkedWeightedNLL"})
         self._ignore_index = getattr(self._loss_fn, "ignore_index", IGNORE_INDEX)
-        # Always chunk the output projection; torchtune only does it for a loss named CEWithChunkedOutputLoss.
-        self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        self._prepare_output(self._model)
 
         self._dataset = config.instantiate(cfg.dataset, self._tokenizer)
         self._collate = partial(_get_component_from_path(cfg.get("collate_fn", DEFAULT_COLLATE)),
@@ -347,6 +499,13 @@ class IWSFTRecipeDistributed:
         if self._method == "iwsft":
             if self._strategy == "precomputed":
                 self._ref_cache = self._setup_reference_cache(cfg)
+            elif self._strategy == "dataset":  # log p_ref recorded at sampling time (python -m iwsft.curate)
+                if not hasattr(self._dataset, "reference_log_probs"):
+                    raise ValueError("reference.strategy=dataset needs recorded log-probs: use dataset._component_: "
+                                     "iwsft.tune.datasets.curated_dataset on the output of python -m iwsft.curate.")
+                self._ref_cache = self._dataset.reference_log_probs()
+                utils.log_rank_zero(log, f"Reference log-probs of {len(self._ref_cache)} samples read from the "
+                                         "data set (reference.strategy=dataset).")
             elif self._strategy == "model":
                 self._ref_model = self._setup_reference_model(cfg, ckpt_dict[training.MODEL_KEY])
             elif not self._is_lora:
@@ -365,12 +524,32 @@ class IWSFTRecipeDistributed:
         dist.barrier()
 
     def _resume_epoch_dir(self) -> Path:
+        """Rank 0 checks the resume state and the epoch's files (sizes, sha256); every rank gets the verdict."""
+        box: List[Any] = [None, None]
+        if self._is_rank_zero:
+            try:
+                box = [self._check_resume_state(), None]
+            except (FileNotFoundError, RuntimeError) as exc:
+                box = [None, exc]
+        dist.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise box[1]
+        return box[0]
+
+    def _check_resume_state(self) -> Path:
         state_path = self._output_dir / "recipe_state" / "recipe_state.pt"
         if not state_path.is_file():
             raise FileNotFoundError(f"resume_from_checkpoint=true but {state_path} does not exist: no intermediate "
                                     "epoch was saved in output_dir (set resume_from_checkpoint=false).")
-        state = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)
-        epoch_dir = self._output_dir / f"epoch_{int(state[training.EPOCHS_KEY]) - 1}"
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)
+            epochs = int(state[training.EPOCHS_KEY])
+        except Exception as exc:  # torch.load raises OSError/RuntimeError/UnpicklingError/EOFError on damage
+            raise RuntimeError(
+                f"resume state {state_path} is unreadable ({type(exc).__name__}: {str(exc)[:200]}): the file is "
+                "damaged (truncated or overwritten). Restore it from a copy of output_dir, or start afresh with "
+                "resume_from_checkpoint=false (the damaged file is then set aside).") from None
+        epoch_dir = self._output_dir / f"epoch_{epochs - 1}"
         if not epoch_dir.is_dir():
             raise FileNotFoundError(f"{state_path} says {state[training.EPOCHS_KEY]} epochs ran but {epoch_dir} "
                                     "is missing.")
@@ -379,6 +558,7 @@ class IWSFTRecipeDistributed:
                 f"{epoch_dir} has no {COMPLETE_MARKER} marker: it was being (re)written when a run stopped, so its "
                 f"files may be partial or from two different runs. Resume from a copy that holds a complete epoch, "
                 "or start afresh with resume_from_checkpoint=false (and a new output_dir).")
+        verify_checkpoint_files(epoch_dir)
         return epoch_dir
 
     def _load_checkpoint(self, cfg: DictConfig) -> Dict[str, Any]:
@@ -494,8 +674,29 @@ class IWSFTRecipeDistributed:
                 if loc.untyped_storage().data_ptr() in trained:
                     loc.data = loc.data.clone()
         model.eval()
-        model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        self._prepare_output(model)
         return model
+
+    def _prepare_output(self, model: torch.nn.Module) -> None:
+        """Chunked logits (``loss.num_output_chunks``), or the fused log-prob head (``loss.fused: true``)."""
+        if getattr(self._loss_fn, "fused", False):
+            # One output call on the whole [B, T, d] hidden states; the head computes the log-probs inside that
+            # call (FSDP2 gathers the output weight once per forward, as for the plain projection).
+            model.set_num_output_chunks(0)
+            model._iwsft_fused_head = iwsft.FusedOutputHead(
+                model, chunk_size=self._loss_fn.fused_chunk_size, ignore_index=self._ignore_index,
+                backend=self._loss_fn.fused_backend)
+        else:  # always chunk; torchtune only does it for a loss named CEWithChunkedOutputLoss
+            model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+
+    def _token_logp(self, model: torch.nn.Module, tokens, labels, ctx=None) -> torch.Tensor:
+        """Per-token log-probs ``[B, T]`` fp32 of ``labels`` under ``model`` (``ctx`` wraps the model call only)."""
+        head = getattr(model, "_iwsft_fused_head", None)
+        with ctx if ctx is not None else contextlib.nullcontext():
+            if head is not None:
+                return head.log_probs(tokens, labels)
+            logits = model(tokens)
+        return self._loss_fn.token_log_probs(logits, labels)
 
     def _setup_lr_scheduler(self, cfg: DictConfig):
         cfg_s = cfg.get("lr_scheduler", None)
@@ -542,6 +743,15 @@ class IWSFTRecipeDistributed:
                     cache = None
             except ValueError as exc:
                 utils.log_rank_zero(log, f"Reference cache {self._cache_path} is stale ({exc}): recomputing.")
+            except Exception as exc:  # truncated/garbage file: torch.load's errors name no file
+                unreadable = f"{type(exc).__name__}: {str(exc)[:200]}"
+                if self._resume and not self._is_lora:
+                    raise RuntimeError(
+                        f"reference cache {self._cache_path} is unreadable ({unreadable}): it is damaged. Resuming "
+                        "full fine-tuning needs the cache of the original run (the resumed weights are no longer the "
+                        "starting model): restore that file from a copy, or use reference.strategy=model.") from None
+                log.warning(f"Reference cache {self._cache_path} is unreadable ({unreadable}): it is damaged; "
+                            "recomputing it.")
         # Every rank must take the same branch (recomputing is collective): reuse only if all ranks can, e.g. not
         # when output_dir is a node-local disk that only some nodes have the cache on.
         usable = torch.tensor(int(cache is not None), device=self._device)
@@ -570,7 +780,7 @@ class IWSFTRecipeDistributed:
                 utils.batch_to_device(batch, self._device)
                 ids = self._sample_ids(batch)
                 labels, mask = self._shift(batch["labels"])
-                logp = self._loss_fn.token_log_probs(self._model(batch["tokens"]), labels)
+                logp = self._token_logp(self._model, batch["tokens"], labels)
                 local.add(ids.cpu(), logp.cpu(), mask.cpu())
         shards = [None] * self.world_size
         dist.all_gather_object(shards, local)
@@ -587,9 +797,9 @@ class IWSFTRecipeDistributed:
             return self._ref_cache.gather(ids.cpu(), mask.cpu()).to(self._device)
         with torch.no_grad():
             if self._ref_model is not None:
-                return self._loss_fn.token_log_probs(self._ref_model(tokens), labels)
+                return self._token_logp(self._ref_model, tokens, labels)
             with disable_adapter(self._model):
-                return self._loss_fn.token_log_probs(self._model(tokens), labels)
+                return self._token_logp(self._model, tokens, labels)
 
     # --------------------------------------------------------------------------------------------- train
     def _shift(self, labels: torch.Tensor):
@@ -613,9 +823,12 @@ class IWSFTRecipeDistributed:
         t0 = time.perf_counter()
         running_loss = torch.zeros((), device=self._device)
         running_nll = torch.zeros((), device=self._device)
-        num_tokens = torch.zeros((), dtype=torch.long, device=self._device)
+        num_tokens = torch.zeros((), dtype=torch.long, device=self._device)  # label tokens
+        loss_denom = torch.zeros((), dtype=torch.long, device=self._device)  # label tokens or sequences (reduction)
         step_weights: List[torch.Tensor] = []
         step_logratio: List[torch.Tensor] = []
+        step_ids: List[Optional[torch.Tensor]] = []  # sample ids of this step's micro-batches (CPU), for errors
+        step_flags: List[torch.Tensor] = []  # per micro-batch [3] bool: non-finite weights / log-probs / loss
         iw = self._method == "iwsft"
 
         for epoch in range(self.epochs_run, self.total_epochs):
@@ -624,13 +837,11 @@ class IWSFTRecipeDistributed:
             for idx, batch in enumerate(self._dataloader):
                 if idx // self._grad_accum >= self._steps_per_epoch:
                     break
+                step_ids.append(batch.get("sample_id"))  # still on CPU: no device sync to name them later
                 utils.batch_to_device(batch, self._device)
                 tokens = batch["tokens"]
                 labels, mask = self._shift(batch["labels"])
-                with self._act_ctx:
-                    logits = self._model(tokens)
-                token_logp = self._loss_fn.token_log_probs(logits, labels)
-                del logits
+                token_logp = self._token_logp(self._model, tokens, labels, self._act_ctx)  # [B, T] fp32
                 seq_w = tok_w = None
                 if iw:
                     ids = self._sample_ids(batch) if self._ref_cache is not None else batch.get("sample_id")
@@ -639,7 +850,7 @@ class IWSFTRecipeDistributed:
                         logp_q = token_logp.detach()
                     else:
                         with torch.no_grad():
-                            logp_q = self._loss_fn.token_log_probs(self._q_ema.module(tokens), labels)
+                            logp_q = self._token_logp(self._q_ema.module, tokens, labels)
                     w, log_ratio = iwsft.importance_weights(logp_q, logp_ref, self._wcfg, mask=mask)
                     if self._wcfg.level == "sequence":
                         seq_w = w
@@ -657,23 +868,56 @@ class IWSFTRecipeDistributed:
                 loss_sum, n_tok = self._loss_fn(token_logp, mask, seq_weights=seq_w, token_weights=tok_w)
                 running_loss += loss_sum.detach()
                 running_nll += -(token_logp.detach() * mask).sum()
-                num_tokens += n_tok
+                num_tokens += mask.sum()
+                loss_denom += n_tok  # label tokens (reduction=token) or sequences (reduction=sequence)
+                step_flags.append(_nonfinite_flags(token_logp, mask, seq_w, tok_w, loss_sum))
                 loss_sum.backward()
 
                 if (idx + 1) % self._grad_accum != 0:
                     continue
-                # ---- optimizer step: exact normalisation by the global label-token count
-                dist.all_reduce(num_tokens)
-                dist.all_reduce(running_loss)
-                dist.all_reduce(running_nll)
-                num_tokens.clamp_(min=1)  # a step with no label tokens (e.g. truncate=true) has zero grads
-                training.scale_grads(self._model, self.world_size / num_tokens)
+                # ---- optimizer step. One all-reduce carries every rank's sums (loss, NLL, label tokens, loss
+                # denominator) and non-finite flags (weights, log-probs, loss, local gradient shards): exact
+                # normalisation by the global count, and every rank takes the same branch below.
+                flags = torch.stack(step_flags).any(0)
+                totals = torch.cat([torch.stack([running_loss.double(), running_nll.double(), num_tokens.double(),
+                                                 loss_denom.double()]),
+                                    flags.double(), self._grads_nonfinite().double().view(1)])
+                dist.all_reduce(totals)
+                loss_tot, nll_tot, n_tok, n_den, *bad = totals.tolist()
+                skip = None
+                if n_tok == 0:  # no label token on any rank: zero gradients; stepping would only decay weights
+                    skip = "no_label_tokens"
+                elif any(bad) or not math.isfinite(loss_tot):
+                    skip = "non_finite"
                 grad_norm = None
-                if self._clip_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(),
-                                                               max_norm=float(self._clip_grad_norm))
-                    if isinstance(grad_norm, DTensor):
-                        grad_norm = grad_norm.full_tensor()
+                if skip is None:
+                    training.scale_grads(self._model, torch.tensor(self.world_size / n_den, device=self._device))
+                    if self._clip_grad_norm is not None:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(),
+                                                                   max_norm=float(self._clip_grad_norm))
+                        if isinstance(grad_norm, DTensor):
+                            grad_norm = grad_norm.full_tensor()
+                        if not math.isfinite(float(grad_norm)):  # global already: all ranks agree
+                            skip = "non_finite"
+                if skip is not None:  # the step keeps its place in the lr schedule; nothing is logged as a loss
+                    self._optimizer.zero_grad(set_to_none=True)
+                    self.skipped[skip] += 1
+                    if skip == "non_finite":
+                        self._handle_nonfinite(epoch, step_ids, step_flags, bad, grad_norm)
+                    else:
+                        utils.log_rank_zero(log, f"step {self.global_step + 1}: no label tokens in the global batch "
+                                                 f"(sample ids {_ids_str(step_ids)}): step skipped, not logged.")
+                    self.global_step += 1
+                    if self._lr_scheduler is not None:
+                        self._lr_scheduler.step()
+                    pbar.update(1)
+                    running_loss.zero_()
+                    running_nll.zero_()
+                    num_tokens.zero_()
+                    loss_denom.zero_()
+                    step_weights, step_logratio, step_ids, step_flags = [], [], [], []
+                    t0 = time.perf_counter()
+                    continue
                 self._optimizer.step()
                 self._optimizer.zero_grad(set_to_none=True)
                 if self._q_ema is not None:
@@ -683,14 +927,14 @@ class IWSFTRecipeDistributed:
                 if self._lr_scheduler is not None:
                     self._lr_scheduler.step()
 
-                loss_val = (running_loss / num_tokens).item()
+                loss_val = loss_tot / n_den
                 stats = self._weight_stats(step_weights, step_logratio) if iw else {}
                 pbar.update(1)
                 pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {loss_val:.4f}")
                 if self.global_step % self._log_every_n_steps == 0:
                     dt = time.perf_counter() - t0
-                    metrics = {"loss": loss_val, "nll": (running_nll / num_tokens).item(), "lr": lr,
-                               "tokens_per_second_per_gpu": num_tokens.item() / (dt * self.world_size),
+                    metrics = {"loss": loss_val, "nll": nll_tot / n_tok, "lr": lr,
+                               "tokens_per_second_per_gpu": n_tok / (dt * self.world_size),
                                "epoch": epoch}
                     if grad_norm is not None:
                         metrics["grad_norm"] = float(grad_norm)
@@ -702,11 +946,63 @@ class IWSFTRecipeDistributed:
                 running_loss.zero_()
                 running_nll.zero_()
                 num_tokens.zero_()
-                step_weights, step_logratio = [], []
+                loss_denom.zero_()
+                step_weights, step_logratio, step_ids, step_flags = [], [], [], []
                 t0 = time.perf_counter()
             pbar.close()
             self.epochs_run += 1
             self.save_checkpoint(epoch)
+        self.write_summary("completed")
+
+    def _grads_nonfinite(self) -> torch.Tensor:
+        """0-dim bool: does any local gradient (shard) hold inf/NaN? Local only: the caller all-reduces it."""
+        grads = [_local(p.grad) for p in self._model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.bool, device=self._device)
+        return torch.stack([g.isfinite().all() for g in grads]).logical_not().any()
+
+    def _handle_nonfinite(self, epoch: int, step_ids, step_flags, bad: List[float], grad_norm) -> None:
+        """Name the step, the sample ids and the likely key; stop (``RuntimeError``) unless skips remain."""
+        local = torch.stack(step_flags).cpu()  # [micro-batches, 3]
+        hit = [ids for ids, f in zip(step_ids, local) if bool(f.any())] or step_ids  # grads only: all of them
+        gathered: List[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, _ids_str(hit))  # collective: every rank is in this branch
+        bad_w, bad_logp, bad_loss, bad_grad = (x > 0 for x in bad)
+        what = [name for name, b in (("importance weights", bad_w), ("model log-probs", bad_logp),
+                                     ("loss", bad_loss), ("gradients", bad_grad)) if b]
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            what.append(f"grad norm ({float(grad_norm)})")
+        if bad_logp:
+            hint = ("the model itself produces inf/NaN (its weights diverged or overflowed): lower optimizer.lr, set "
+                    "clip_grad_norm, or use dtype=fp32")
+        elif bad_w:
+            hint = ("the importance weights overflow: lower weighting.temperature or set a finite weighting.clip_max"
+                    + (" (or check the dataset.quality_column values)" if self._quality_use == "weight" else ""))
+        elif bad_loss:
+            hint = "the weighted loss overflows: lower weighting.clip_max or weighting.temperature"
+        else:
+            hint = "the gradients overflow: lower optimizer.lr, set clip_grad_norm, or use dtype=fp32"
+        ids = "; ".join(f"rank {r}: {g}" for r, g in enumerate(gathered))
+        msg = (f"non-finite {', '.join(what) or 'loss'} at optimizer step {self.global_step + 1} (epoch {epoch}); "
+               f"sample ids of the micro-batch(es): {ids}. Likely cause: {hint}.")
+        if self.skipped["non_finite"] <= self._skip_nonfinite:
+            utils.log_rank_zero(log, f"{msg} Step skipped ({self.skipped['non_finite']} of at most "
+                                     f"skip_nonfinite_steps={self._skip_nonfinite}).")
+            return
+        self.write_summary(f"stopped: non-finite values at optimizer step {self.global_step + 1}")
+        raise RuntimeError(f"{msg} Training stopped before the optimizer step; no checkpoint was written after it "
+                           "(set skip_nonfinite_steps=N to skip up to N such steps instead).")
+
+    def write_summary(self, status: str) -> None:
+        """Rank 0 writes ``output_dir/run_summary.json`` (and logs it): rows and steps not trained on, per cause."""
+        if not self._is_rank_zero:
+            return
+        ds = self._dataset.drop_counts() if hasattr(self._dataset, "drop_counts") else None
+        summary = {"status": status, "epochs_run": self.epochs_run, "global_step": self.global_step,
+                   "steps_skipped": dict(self.skipped), "dataset_rows": ds,
+                   "loss_reduction": getattr(self._loss_fn, "reduction", "token")}
+        _atomic_write(self._output_dir / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+        log.info(f"Run summary ({self._output_dir / SUMMARY_NAME}): {json.dumps(summary)}")
 
     def _weight_stats(self, weights: List[torch.Tensor], log_ratio: List[torch.Tensor]) -> Dict[str, float]:
         w, lr = torch.cat(weights).float(), torch.cat(log_ratio).float()
@@ -747,13 +1043,17 @@ class IWSFTRecipeDistributed:
             # intermediate_checkpoint=False: the checkpointer would write recipe_state.pt in place, before the
             # adapter files are moved and the marker exists; it is written below instead, last and atomically.
             self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=False)
-            if self._is_lora:  # keep epoch_N/ a plain HF model dir: transformers/vLLM would otherwise see
-                self._move_adapter_files(epoch)  # adapter_config.json and try to load it as a PEFT adapter
-            files = sorted(f for f in epoch_dir.rglob("*") if f.is_file())
+            if self._is_lora:
+                self._fix_peft_adapter(epoch_dir)
+                # keep epoch_N/ a plain HF model dir: transformers/vLLM would otherwise see adapter_config.json
+                self._move_adapter_files(epoch)  # and try to load it as a PEFT adapter
+            files = sorted(f for f in epoch_dir.rglob("*") if f.is_file() and f.name != COMPLETE_MARKER)
             for f in files:
                 _fsync(f)
+            # size + sha256 of every file: resume refuses a file changed after the save (verify_checkpoint_files)
             marker = {"epoch": epoch, "global_step": self.global_step, "intermediate": intermediate,
-                      "files": {str(f.relative_to(epoch_dir)): f.stat().st_size for f in files}}
+                      "files": {str(f.relative_to(epoch_dir)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+                                for f in files}}
             _atomic_write(epoch_dir / COMPLETE_MARKER, lambda tmp: tmp.write_text(json.dumps(marker, indent=1)))
             if intermediate:
                 state = {training.OPT_KEY: opt_sd, training.SEED_KEY: self.seed,
@@ -763,6 +1063,24 @@ class IWSFTRecipeDistributed:
             log.info(f"Checkpoint for epoch {epoch} saved to {epoch_dir} in {time.perf_counter() - start:.1f}s"
                      + (f" (resume state: {self._output_dir / RECIPE_STATE})" if intermediate else ""))
         dist.barrier()
+
+    def _fix_peft_adapter(self, epoch_dir: Path) -> None:
+        """Rewrite ``adapter_model.safetensors`` without the Llama RoPE permutation for model types that lack it.
+
+        torchtune 0.6.1 permutes q/k ``lora_B`` rows for every model type; for Qwen2 that makes
+        ``base + (alpha/r)·B·A`` differ from the merged weights it saves in the same epoch (see
+        :func:`_peft_qk_without_rope_permutation`).
+        """
+        path = epoch_dir / "adapter_model.safetensors"
+        if self._model_type not in NO_ROPE_PERMUTE_MODEL_TYPES or not path.is_file():
+            return
+        from safetensors.torch import load_file, save_file
+
+        cfg = json.loads((epoch_dir / "config.json").read_text())
+        heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        fixed = _peft_qk_without_rope_permutation(load_file(str(path)), heads, kv, head_dim)
+        _atomic_write(path, lambda tmp: save_file(fixed, str(tmp), metadata={"format": "pt"}))
 
     def _move_adapter_files(self, epoch: int) -> None:
         epoch_dir = self._output_dir / f"epoch_{epoch}"
@@ -774,7 +1092,30 @@ class IWSFTRecipeDistributed:
     def cleanup(self) -> None:
         if self._is_rank_zero:
             self._metric_logger.close()
+        self.release_lock()
         dist.destroy_process_group()
+
+    def release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _nonfinite_flags(token_logp, mask, seq_w, tok_w, loss_sum) -> torch.Tensor:
+    """[3] bool for one micro-batch: non-finite weights, model log-probs (label positions), loss. No device sync."""
+    zero = torch.zeros((), dtype=torch.bool, device=mask.device)
+    bad_w = zero
+    if seq_w is not None:
+        bad_w = bad_w | ~torch.isfinite(seq_w.detach()).all()
+    if tok_w is not None:
+        bad_w = bad_w | ~torch.isfinite(torch.where(mask, tok_w.detach(), torch.ones_like(tok_w))).all()
+    bad_logp = ~torch.isfinite(torch.where(mask, token_logp.detach(), torch.zeros_like(token_logp))).all()
+    return torch.stack([bad_w, bad_logp, ~torch.isfinite(loss_sum.detach())])
+
+
+def _ids_str(step_ids) -> str:
+    ids = [int(i) for t in step_ids if t is not None for i in t.tolist()]
+    return str(ids) if ids else "unknown (the dataset has no sample_id)"
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -816,9 +1157,12 @@ def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="IWSFTRecipeDistributed", cfg=cfg)
     recipe = IWSFTRecipeDistributed(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
-    recipe.cleanup()
+    try:
+        recipe.setup(cfg=cfg)
+        recipe.train()
+        recipe.cleanup()
+    finally:  # an error ends the run: free output_dir for the next one (a killed process frees it too: flock)
+        recipe.release_lock()
 
 
 if __name__ == "__main__":

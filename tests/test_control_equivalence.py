@@ -1,5 +1,14 @@
-"""The fast trainer (flat steps, segment reductions, cached log-ratios) equals a naive padded implementation of the
-authors' iw-SFT control loss when the batch holds whole episodes and the cache is refreshed every step."""
+"""The control trainer against the authors' objective, written out independently here (REFERENCE.md section 1):
+
+    BC      L = −mean_i[ Σ_t log π(a_it|s_it) / T_i ]
+    iw-SFT  L = −mean_i[ (w_i / Σ_j w_j) · Σ_t log π(a_it|s_it) / T_i ],
+            w_i = clip(exp(temperature · (Σ_t log q − Σ_t log p_ref) / T_i), 0, clip_max)
+
+computed with a plain Python loop over the episodes of a batch (no padding, no segment sums, no shared code with the
+trainer). The trainer's exact mode must give the same loss (times B, the documented constant factor) and gradients;
+its sampled mode must be unbiased for the same objective; the per-step reduction is checked against the padded
+formula Σ_i w_i Σ_t log π / Σ_i w_i T_i.
+"""
 import copy
 import math
 
@@ -11,101 +20,202 @@ from control.episodes import Episodes
 from control.train import TrainConfig, Trainer
 
 
-def tiny_episodes(seed=0, n=12, obs_dim=4, act_dim=2):
+def tiny_episodes(seed=0, n=12, obs_dim=4, act_dim=2, lo=3, hi=25):
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(3, 25, size=n)
+    lengths = rng.integers(lo, hi, size=n)
     N = int(lengths.sum())
     return Episodes(rng.normal(size=(N, obs_dim)), np.tanh(rng.normal(size=(N, act_dim))), rng.normal(size=N),
                     np.concatenate([[0], np.cumsum(lengths)]), rng.random(n) < 0.5, env="hopper", source="tiny")
 
 
-def naive_gaussian_logp(policy, obs, act):
-    """log N(a; mu, sigma) summed over action dims, written out by hand: [B, T]."""
+def logp_by_hand(policy, obs, act):
+    """log N(a; mu, sigma) summed over action dims, written out by hand: [T]."""
     mean, log_std = policy(obs)
     var = torch.exp(2 * log_std)
     return (-((act - mean) ** 2) / (2 * var) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
 
-def naive_padded(policy, q, ref, data, episodes, temperature, clip_max):
-    """Authors' formula on a padded [B, T] batch of whole episodes.
+def episode(data, e):
+    s, t = data.offsets[e], data.offsets[e + 1]
+    return torch.as_tensor(data.observations[s:t]), torch.as_tensor(data.actions[s:t])
 
-    log_ratio_i = (sum_t log q - sum_t log p_ref) / T_i ;  w_i = clip(exp(temperature * log_ratio_i), 0, clip_max)
-    loss = - sum_i w_i * sum_t log pi(a_it | s_it) / sum_i w_i * T_i   (weights self-normalised over the batch)
-    """
-    B = len(episodes)
-    lengths = [int(data.offsets[e + 1] - data.offsets[e]) for e in episodes]
-    T = max(lengths)
-    obs = torch.zeros(B, T, data.observations.shape[1])
-    act = torch.zeros(B, T, data.actions.shape[1])
-    mask = torch.zeros(B, T)
-    for i, e in enumerate(episodes):
-        s, t = data.offsets[e], data.offsets[e + 1]
-        obs[i, : t - s] = torch.as_tensor(data.observations[s:t])
-        act[i, : t - s] = torch.as_tensor(data.actions[s:t])
-        mask[i, : t - s] = 1
+
+def authors_weight(q, ref, data, e, temperature, clip_max):
+    o, a = episode(data, e)
     with torch.no_grad():
-        lq = (naive_gaussian_logp(q, obs, act) * mask).sum(1)
-        lr = (naive_gaussian_logp(ref, obs, act) * mask).sum(1)
-        log_ratio = (lq - lr) / mask.sum(1)
-        w = torch.clamp(torch.exp(temperature * log_ratio), 0.0, clip_max)
-    logp = naive_gaussian_logp(policy, obs, act) * mask
-    loss = -(w * logp.sum(1)).sum() / (w * mask.sum(1)).sum()
-    return loss, w
+        lr = (logp_by_hand(q, o, a).sum() - logp_by_hand(ref, o, a).sum()) / len(o)
+        return min(max(math.exp(temperature * lr.item()), 0.0), clip_max)
 
 
-def split_episodes(idx, offsets):
-    """Episode indices of a whole-episode batch, in order (a new episode starts at each start offset)."""
-    starts = {int(o): e for e, o in enumerate(offsets[:-1])}
-    return [starts[int(j)] for j in idx if int(j) in starts]
+def authors_loss(policy, q, ref, data, episodes, weighted, temperature=10.0, clip_max=1000.0):
+    """The authors' per-episode loss, one episode at a time (REFERENCE.md section 1)."""
+    w = [authors_weight(q, ref, data, e, temperature, clip_max) if weighted else 1.0 for e in episodes]
+    total = sum(w)
+    terms = []
+    for e, wi in zip(episodes, w):
+        o, a = episode(data, e)
+        ell = logp_by_hand(policy, o, a).sum() / len(o)  # Σ_t log π / T_i
+        terms.append((wi / total if weighted else 1.0) * ell)
+    return -torch.stack(terms).mean(), torch.tensor(w)
 
 
-@pytest.mark.parametrize("algo,chunk", [("iwsft", 4096), ("iwsft_q", 4096), ("iwsft_q", 7)])
-def test_fast_trainer_equals_naive_padded(algo, chunk, monkeypatch):
+def padded_step_loss(policy, q, ref, data, episodes, temperature=10.0, clip_max=1000.0):
+    """The per-step reduction: Σ_i w_i Σ_t log π / Σ_i w_i T_i (an episode counts ∝ w_i · T_i)."""
+    num, den = 0.0, 0.0
+    for e in episodes:
+        o, a = episode(data, e)
+        wi = authors_weight(q, ref, data, e, temperature, clip_max)
+        num = num + wi * logp_by_hand(policy, o, a).sum()
+        den += wi * len(o)
+    return -num / den
+
+
+def make_policies(data, hidden=32):
+    init_policy = Trainer(TrainConfig(algo="bc", hidden=hidden, layers=3, seed=1), data).policy
+    ref = Trainer(TrainConfig(algo="bc", hidden=hidden, layers=3, seed=2), data).policy.eval().requires_grad_(False)
+    with torch.no_grad():
+        ref.log_std.fill_(-0.5)  # p_ref far from the init, so that the weights spread (and some hit the clip)
+    return init_policy, ref
+
+
+@pytest.mark.parametrize("algo,chunk", [("iwsft", 4096), ("iwsft_q", 4096), ("iwsft_q", 7), ("bc", 4096),
+                                        ("filtered_bc", 4096), ("sft_q", 4096)])
+def test_exact_mode_equals_authors_episode_loss(algo, chunk, monkeypatch):
     # chunk=7: the forward/backward runs in many small chunks of distinct steps, gradients accumulated across them
     monkeypatch.setattr("control.train.CHUNK", chunk)
     torch.manual_seed(0)
     data = tiny_episodes()
-    cfg = TrainConfig(algo=algo, steps=6, full_episodes=5, refresh_every=1, lr=3e-3, warmup_steps=0, cosine=False,
+    B = 5
+    cfg = TrainConfig(algo=algo, steps=6, full_episodes=B, refresh_every=1, lr=3e-3, warmup_steps=0, cosine=False,
                       hidden=32, layers=3, filter_fraction=0.5, percentiles=(20, 50, 80), temperature=10.0,
                       clip_max=2.0, eval_every=0)
-    # p_ref: a different random policy, so that weights are far from 1 (and some hit the clip)
-    init_policy = Trainer(TrainConfig(algo="bc", hidden=32, layers=3, seed=1), data).policy
-    ref = Trainer(TrainConfig(algo="bc", hidden=32, layers=3, seed=2), data).policy.eval().requires_grad_(False)
-    with torch.no_grad():
-        ref.log_std.fill_(-0.5)
-    tr = Trainer(cfg, data, init=copy.deepcopy(init_policy.state_dict()), ref=ref)
+    assert cfg.reduction == "episode"  # the default
+    init_policy, ref = make_policies(data)
+    weighted = algo.startswith("iwsft")
+    tr = Trainer(cfg, data, init=copy.deepcopy(init_policy.state_dict()), ref=ref if weighted else None)
     saw_clip = repeated = False
     for _ in range(cfg.steps):
-        # no explicit refresh: train_step itself must refresh the log-ratios under the current q (refresh_every=1)
-        idx = tr.sample_batch()
-        eps = split_episodes(idx, tr.data.offsets)
-        assert sum(int(tr.lengths[e]) for e in eps) == len(idx)
+        batch = tr.sample_batch()
+        eps = batch["episodes"].tolist()
         repeated |= len(set(eps)) < len(eps)
-        q = copy.deepcopy(tr.ema.module)
-        naive_loss, naive_w = naive_padded(tr.policy, q, ref, tr.data, eps, cfg.temperature, cfg.clip_max)
+        q = copy.deepcopy(tr.ema.module) if weighted else None
+        loss, w = authors_loss(tr.policy, q, ref, tr.data, eps, weighted, cfg.temperature, cfg.clip_max)
         tr.policy.zero_grad()
-        naive_loss.backward()
-        naive_grads = [p.grad.clone() for p in tr.policy.parameters()]
-        out = tr.train_step(idx)
-        # loss and gradients
-        assert out["loss"] == pytest.approx(naive_loss.item(), rel=1e-5, abs=1e-5)
-        for g_fast, g_naive in zip([p.grad for p in tr.policy.parameters()], naive_grads):
-            torch.testing.assert_close(g_fast, g_naive, rtol=1e-4, atol=1e-5)
-        # raw per-episode weights, and the normalised per-step weights the loss used
-        fast_raw = tr.episode_weights()  # refreshed before the step, unchanged by it (cache)
-        torch.testing.assert_close(fast_raw[eps], naive_w, rtol=1e-5, atol=1e-5)
-        lengths = torch.tensor([float(tr.lengths[e]) for e in eps])
-        expected_step_w = torch.repeat_interleave(naive_w, lengths.long()) * len(idx) / (naive_w * lengths).sum()
-        torch.testing.assert_close(out["weights"], expected_step_w, rtol=1e-5, atol=1e-5)
-        saw_clip |= bool((naive_w >= cfg.clip_max).any())
-        assert naive_w.std() > 0  # weights are not trivially uniform
-    assert tr.step == cfg.steps
-    assert saw_clip, "the test should exercise the upper clip"
+        loss.backward()
+        grads = [p.grad.clone() for p in tr.policy.parameters()]
+        out = tr.train_step(batch)  # refreshes the weights of the batch's episodes under the current q itself
+        # iw: our loss is B × the authors' (their mean over episodes of w_i/Σw carries a 1/B that Adam ignores);
+        # without weights it is the authors' BC loss itself
+        k = B if weighted else 1
+        assert out["loss"] == pytest.approx(k * loss.item(), rel=1e-5, abs=1e-5)
+        for g_ours, g_authors in zip([p.grad for p in tr.policy.parameters()], grads):
+            torch.testing.assert_close(g_ours, k * g_authors, rtol=1e-4, atol=1e-5)
+        if weighted:
+            torch.testing.assert_close(tr.episode_weights()[eps], w.float(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out["weights"], (w * B / w.sum()).float(), rtol=1e-5, atol=1e-6)
+            saw_clip |= bool((w >= cfg.clip_max).any())
+            assert w.std() > 0  # weights are not trivially uniform
     assert repeated, "the test should draw some episode twice in a batch (steps computed once, counted twice)"
+    if weighted:
+        assert saw_clip, "the test should exercise the upper clip"
+
+
+def test_episode_reduction_differs_from_step_reduction():
+    """BC's two reductions give different gradient directions when episode lengths differ (not a constant factor),
+    and the trainer's `reduction` option picks each of them."""
+    data = tiny_episodes(5, lo=2, hi=60)
+    init_policy, _ = make_policies(data)
+    eps = list(range(data.num_episodes))
+
+    def per_step(p):  # −Σ_i Σ_t log π / Σ_i T_i
+        return -sum(logp_by_hand(p, *episode(data, e)).sum() for e in eps) / float(data.num_steps)
+
+    grads = []
+    for fn in (lambda p: authors_loss(p, None, None, data, eps, False)[0], per_step):
+        p = copy.deepcopy(init_policy)
+        fn(p).backward()
+        grads.append(torch.cat([x.grad.reshape(-1) for x in p.parameters()]))
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert cos < 0.999  # not parallel: the reductions differ by more than a constant factor
+    for reduction, g_ref in zip(("episode", "step"), grads):
+        tr = Trainer(TrainConfig(algo="bc", hidden=32, full_episodes=len(eps), reduction=reduction, eval_every=0),
+                     data, init=copy.deepcopy(init_policy.state_dict()))
+        batch = {"idx": torch.arange(data.num_steps), "episodes": torch.as_tensor(eps),
+                 "draw": torch.repeat_interleave(torch.arange(len(eps)), torch.as_tensor(data.lengths))}
+        tr.train_step(batch)
+        g = torch.cat([x.grad.reshape(-1) for x in tr.policy.parameters()])
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_exact_mode_step_reduction_equals_padded_formula():
+    data = tiny_episodes(3)
+    cfg = TrainConfig(algo="iwsft", steps=3, full_episodes=4, refresh_every=1, reduction="step", lr=3e-3,
+                      warmup_steps=0, cosine=False, hidden=32, filter_fraction=0.5, clip_max=2.0, eval_every=0)
+    init_policy, ref = make_policies(data)
+    tr = Trainer(cfg, data, init=copy.deepcopy(init_policy.state_dict()), ref=ref)
+    for _ in range(cfg.steps):
+        batch = tr.sample_batch()
+        q = copy.deepcopy(tr.ema.module)
+        loss = padded_step_loss(tr.policy, q, ref, tr.data, batch["episodes"].tolist(), 10.0, 2.0)
+        tr.policy.zero_grad()
+        loss.backward()
+        grads = [p.grad.clone() for p in tr.policy.parameters()]
+        assert tr.train_step(batch)["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        for g, g_ref in zip([p.grad for p in tr.policy.parameters()], grads):
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["iwsft_q", "bc"])
+def test_sampled_mode_is_unbiased_for_the_authors_objective(algo):
+    """Sampled mode: the expected loss/gradient over its draws equals the population version of the authors' loss
+    −Σ_i p_i w_i ℓ_i / Σ_i p_i w_i (p_i: percentile-level sampling probability), computed by hand."""
+    data = tiny_episodes(4, n=20, lo=2, hi=40)
+    cfg = TrainConfig(algo=algo, hidden=32, percentiles=(20, 50, 80), clip_max=1000.0, eval_every=0, batch_size=64)
+    init_policy, ref = make_policies(data)
+    weighted = algo != "bc"
+    tr = Trainer(cfg, data, init=copy.deepcopy(init_policy.state_dict()), ref=ref if weighted else None)
+    # p_i by hand: percentile levels 1/2/3 of the returns (numpy's linear percentiles), level 0 never drawn
+    returns = data.returns
+    if weighted:
+        levels = (returns[:, None] >= np.percentile(returns, [20, 50, 80])[None]).sum(1)
+    else:
+        levels = np.ones(data.num_episodes)
+    kept = np.flatnonzero(levels > 0)
+    p = levels[kept] / levels[kept].sum()
+    assert tr.data.num_episodes == len(kept)
+    policy = tr.policy
+    w = np.array([authors_weight(tr.ema.module if weighted else None, ref, tr.data, e, 10.0, 1000.0)
+                  if weighted else 1.0 for e in range(len(kept))])
+    assert not weighted or w.max() / w.min() > 10  # the weights matter
+    # the authors' population objective, by hand
+    terms = []
+    for e in range(len(kept)):
+        o, a = episode(tr.data, e)
+        terms.append(p[e] * w[e] * logp_by_hand(policy, o, a).sum() / len(o))
+    target = -torch.stack(terms).sum() / float((p * w).sum())
+    # the trainer's expected sampled loss: P(episode) from its draw distribution, a step uniformly within it
+    probs = tr.draw_probs()
+    np.testing.assert_allclose(probs, p * w / (p * w).sum(), rtol=1e-5)
+    expected = 0.0
+    for e in range(len(kept)):
+        o, a = episode(tr.data, e)
+        expected = expected - probs[e] * logp_by_hand(policy, o, a).mean()
+    g1 = torch.autograd.grad(target, list(policy.parameters()))
+    g2 = torch.autograd.grad(expected, list(policy.parameters()))
+    assert expected.item() == pytest.approx(target.item(), rel=1e-5)
+    for a_, b_ in zip(g1, g2):
+        torch.testing.assert_close(a_, b_.float(), rtol=1e-4, atol=1e-6)
+    # and the sampler draws from that distribution (counts over 300 batches within 5 binomial sigmas)
+    counts = np.zeros(len(kept))
+    for _ in range(300):
+        np.add.at(counts, tr.sample_batch()["episodes"].numpy(), 1)
+    n = counts.sum()
+    sigma = np.sqrt(n * probs * (1 - probs))
+    assert np.all(np.abs(counts - n * probs) <= 5 * sigma + 1)
 
 
 def test_cached_refresh_is_stale_between_refreshes():
-    """With refresh_every > 1 the log-ratios are only recomputed every N steps (the documented approximation)."""
+    """With refresh_every > 1 the log-ratios are only recomputed every N steps (a named approximation)."""
     data = tiny_episodes(1)
     base = Trainer(TrainConfig(algo="bc", hidden=16, seed=3), data)
     cfg = TrainConfig(algo="iwsft", steps=4, batch_size=16, refresh_every=3, lr=1e-2, warmup_steps=0, cosine=False,
@@ -119,12 +229,6 @@ def test_cached_refresh_is_stale_between_refreshes():
     assert not torch.allclose(tr.log_ratio, r0)
 
 
-def test_bc_loss_is_mean_step_nll():
-    """BC on a whole-episode batch is the plain mean negative log-likelihood of the steps."""
-    data = tiny_episodes(2)
-    tr = Trainer(TrainConfig(algo="bc", hidden=16, full_episodes=3, eval_every=0), data)
-    idx = tr.sample_batch()
-    obs, act = torch.as_tensor(data.observations[idx.numpy()]), torch.as_tensor(data.actions[idx.numpy()])
-    with torch.no_grad():
-        expected = -naive_gaussian_logp(tr.policy, obs, act).mean()
-    assert tr.train_step(idx)["loss"] == pytest.approx(expected.item(), rel=1e-6)
+def test_bad_reduction():
+    with pytest.raises(ValueError, match="reduction='mean'.*'episode'"):
+        TrainConfig(reduction="mean")

@@ -225,7 +225,7 @@ def test_runner_tiny_model_all_tasks_compare(tmp_path, data_dir, gpqa_file, tiny
     table = (out / "summary.txt").read_text()
     assert table.strip() in printed
     header = table.splitlines()[0].split()
-    assert header[:5] == ["task", "model", "n", "greedy", "unparsed"] and "avg@2" in header
+    assert header[:6] == ["task", "model", "n", "greedy", "no_answer", "truncated"] and "avg@2" in header
     rows = [ln for ln in table.splitlines()[2:] if ln.strip() and ln.split()[0].endswith("_iwsft")]
     assert len(rows) == 8  # 4 tasks x 2 checkpoints
     assert {r.split()[1] for r in rows} == {"model", "epoch_0"}
@@ -241,6 +241,9 @@ def test_runner_tiny_model_all_tasks_compare(tmp_path, data_dir, gpqa_file, tiny
                 t = r["tasks"][key]
                 assert (t["n"], t["k"]) == (2, k)
                 assert 0.0 <= t["acc"] <= 1.0 and 0 <= t["unparseable"] <= 2 * k
+                # the random model's outputs all run to --max-gen-toks 4: the runner counts them as truncated
+                assert t["truncation_from"] == "tokens"
+                assert t["no_answer"] + t["truncated"] == t["unparseable"] and t["no_answer"] == 0
                 assert t["ci95"][0] <= t["acc"] <= t["ci95"][1]
             results = [f for f in r["files"] if Path(f).name.startswith("results_")]
             assert len(results) == 1
@@ -279,7 +282,8 @@ def test_lm_eval_cli_all_tasks(tmp_path, data_dir, gpqa_file, tiny_model):
     res = json.loads(results[0].read_text())
     for t in ("aime24_iwsft", "aime25_iwsft", "math500_iwsft", "gpqa_diamond_iwsft"):
         r = res["results"][t]
-        assert set(r) >= {"acc,none", "maj_at_k,none", "pass_at_k,none", "unparseable,none"}
+        assert set(r) >= {"acc,none", "maj_at_k,none", "pass_at_k,none", "no_answer,none", "truncated,none",
+                          "unparseable,none"}
         assert 0 <= r["unparseable,none"] <= 2
         assert res["n-samples"][t]["effective"] == 2
         samples = list(out.rglob(f"samples_{t}_*.jsonl"))
@@ -287,7 +291,7 @@ def test_lm_eval_cli_all_tasks(tmp_path, data_dir, gpqa_file, tiny_model):
         first = json.loads(samples[0].read_text().splitlines()[0])
         prompt = first["arguments"]["gen_args_0"]["arg_0"]
         assert prompt.endswith(f"<|im_start|>user\n{first['doc']['problem']}<|im_end|>\n<|im_start|>assistant\n")
-        assert {"acc", "maj_at_k", "pass_at_k", "unparseable"} <= set(first)
+        assert {"acc", "maj_at_k", "pass_at_k", "no_answer", "truncated", "unparseable"} <= set(first)
     gpqa_doc = json.loads(next(out.rglob("samples_gpqa_diamond_iwsft_*.jsonl")).read_text().splitlines()[0])["doc"]
     assert gpqa_doc["problem"].startswith("Synthetic check 0:") and "\nA) " in gpqa_doc["problem"]
 

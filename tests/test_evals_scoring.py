@@ -61,8 +61,11 @@ def test_extract_answer_table(output, expected):
 
 def test_answer_region_rules():
     assert answer_region(f"x{S}think\nT{S}answer\nA") == "\nA"
-    # no answer delimiter: after the last <|im_start|>, minus its first (header) line
-    assert answer_region(f"x{S}assistant\nhello\nworld") == "hello\nworld"
+    # a new <|im_start|>user/system/assistant header after text is the next turn: the output is cut there
+    # (issue 7; the old rule read the text after it, which is a turn the model should never have written)
+    assert answer_region(f"x{S}assistant\nhello\nworld") == "x"
+    assert answer_region(f"so 418.<|im_end|>\n{S}user\nmore") == "so 418."
+    assert answer_region(f"{S}think\nT\n{S}answer\nA<|endoftext|>junk") == "\nA"
     assert answer_region("plain text") == "plain text"
     assert boxed_contents("\\boxed{a}\\fbox{b}\\boxed{c}") == ["a", "b", "c"]
     assert last_answer_line("Answer:   ") is None
@@ -154,12 +157,24 @@ def test_as_integer():
 
 
 def test_sample_metrics_k_outputs():
-    outs = ["\\boxed{5}", "\\boxed{005}", "\\boxed{7}", "\\boxed{7}", "\\boxed{7}", "no idea"]
+    outs = ["\\boxed{5}", "\\boxed{005}", "\\boxed{7}", "\\boxed{7}", "\\boxed{7}", "No idea."]
     m = sample_metrics("aime", [score_aime(o, "5") for o in outs], "5")
-    assert m == {"acc": 2 / 6, "maj_at_k": 0.0, "pass_at_k": 1.0, "unparseable": 1.0}
-    outs = ["\\boxed{5}", "\\boxed{005}", "\\boxed{7}", "nothing", "nothing"]
+    assert m == {"acc": 2 / 6, "maj_at_k": 0.0, "pass_at_k": 1.0, "no_answer": 1.0, "truncated": 0.0,
+                 "unparseable": 1.0}
+    # "<|im_start|>think\n..." never reached its answer phase, "Let me expand" stops mid-sentence: truncated
+    outs = ["\\boxed{5}", "\\boxed{005}", "\\boxed{7}", f"{S}think\nwe have \\boxed{{5}} so far", "Let me expand"]
     m = sample_metrics("aime", [score_aime(o, "5") for o in outs], "5")
-    assert m == {"acc": 0.4, "maj_at_k": 1.0, "pass_at_k": 1.0, "unparseable": 2.0}
+    assert m == {"acc": 0.4, "maj_at_k": 1.0, "pass_at_k": 1.0, "no_answer": 0.0, "truncated": 2.0,
+                 "unparseable": 2.0}
+
+
+def test_verdict_status():
+    from evals.scoring import Verdict
+
+    assert Verdict("5", True, True).status == "answered" and Verdict(None, False, False).status == "no_answer"
+    assert Verdict(None, False, False, "truncated").status == "truncated"
+    with pytest.raises(ValueError, match="status"):
+        Verdict(None, False, False, "unparseable")
 
 
 def test_majority_pools_equivalent_answers():

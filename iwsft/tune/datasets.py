@@ -50,7 +50,7 @@ _ROLES = ("system", "user", "assistant")
 
 __all__ = [
     "IwsftSFTDataset", "QWEN_DEFAULT_SYSTEM_PROMPT", "chat_dataset", "load_rows", "s1_assistant_text",
-    "s1_messages", "s1k_dataset",
+    "s1_messages", "s1k_dataset", "CuratedSFTDataset", "curated_dataset",
 ]
 
 
@@ -136,7 +136,10 @@ class IwsftSFTDataset(Dataset):
     Attributes:
         sample_ids (np.ndarray [N] int64), num_source_rows (M), num_filtered (rows rejected by ``keep``),
         num_dropped (rows over ``max_seq_len``), num_truncated, num_invalid (rows skipped by ``skip_invalid``),
-        max_seq_len.
+        num_no_labels (rows left with no label token, e.g. a prompt longer than ``max_seq_len`` with
+        ``truncate``: dropped, never trained as a loss of 0), max_seq_len.
+
+    Raises ``ValueError`` naming the cause and the key to change when no trainable row is left.
     """
 
     def __init__(
@@ -170,7 +173,7 @@ class IwsftSFTDataset(Dataset):
         ids: List[int] = []
         quality: List[float] = []
         self.num_source_rows = len(rows)
-        self.num_filtered = self.num_dropped = self.num_truncated = self.num_invalid = 0
+        self.num_filtered = self.num_dropped = self.num_truncated = self.num_invalid = self.num_no_labels = 0
         first_error = None
         for i in range(self.num_source_rows):
             row = rows[i]
@@ -203,6 +206,9 @@ class IwsftSFTDataset(Dataset):
                     continue
                 tokens, mask = tokens[: self.max_seq_len], mask[: self.max_seq_len]
                 self.num_truncated += 1
+            if mask[1:].all():  # no label token left (the first position is never a target after the shift):
+                self.num_no_labels += 1  # the row would train on nothing and log a loss of 0; drop and count it
+                continue
             labels = np.where(mask, CROSS_ENTROPY_IGNORE_IDX, tokens)
             self._tokens.append(tokens)
             self._labels.append(labels)
@@ -219,13 +225,39 @@ class IwsftSFTDataset(Dataset):
                    f"{considered} rows longer than max_seq_len={self.max_seq_len}")
             if self.num_truncated:
                 msg += f"; truncated {self.num_truncated} rows to max_seq_len={self.max_seq_len}"
+            if self.num_no_labels:
+                msg += (f"; dropped {self.num_no_labels} rows left with no label tokens"
+                        + (" after truncation" if self.truncate else ""))
             if self.num_invalid:
                 msg += f"; skipped {self.num_invalid} invalid rows (first: {first_error})"
             lg = _logger()
-            (lg.warning if self.num_dropped or self.num_truncated or self.num_invalid else lg.info)(msg)
+            (lg.warning if self.num_dropped or self.num_truncated or self.num_invalid or self.num_no_labels
+             else lg.info)(msg)
         if len(self.sample_ids) == 0:
-            raise ValueError(f"{description}: no samples left (all rows filtered out or longer than max_seq_len="
-                             f"{self.max_seq_len})")
+            raise ValueError(f"{description}: no samples left to train on: {self._empty_cause()}")
+
+    def drop_counts(self) -> Dict[str, int]:
+        """Rows not trained on, per cause (for the run summary)."""
+        return {"source_rows": self.num_source_rows, "kept": len(self.sample_ids), "filtered": self.num_filtered,
+                "too_long": self.num_dropped, "no_label_tokens": self.num_no_labels,
+                "truncated": self.num_truncated, "invalid": self.num_invalid}
+
+    def _empty_cause(self) -> str:
+        """Why nothing is left, and which key changes it (the largest cause first)."""
+        causes = []
+        if self.num_no_labels:
+            causes.append(f"{self.num_no_labels} rows have no label tokens"
+                          + (f" after truncation to max_seq_len={self.max_seq_len} (the prompt alone is longer): "
+                             "raise dataset.max_seq_len" if self.truncate else
+                             ": every assistant turn is masked (check train_on_input/the conversation column)"))
+        if self.num_dropped:
+            causes.append(f"{self.num_dropped} rows are longer than max_seq_len={self.max_seq_len}: raise "
+                          "dataset.max_seq_len (or tokenizer.max_seq_len)")
+        if self.num_filtered:
+            causes.append(f"{self.num_filtered} rows were filtered out: check dataset.filter_grade")
+        if self.num_invalid:
+            causes.append(f"{self.num_invalid} rows are invalid (skip_invalid): fix the data")
+        return "; ".join(causes) or f"the source has {self.num_source_rows} rows"
 
     @staticmethod
     def _assistant_header(tok) -> Optional[np.ndarray]:
@@ -453,3 +485,150 @@ def chat_dataset(
         train_on_header=train_on_header, skip_invalid=skip_invalid,
         description=f"chat_dataset({source if data_files is None else data_files})",
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# self-curated samples with their sampling log-probs (python -m iwsft.curate)
+
+
+class CuratedSFTDataset(IwsftSFTDataset):
+    """An :class:`IwsftSFTDataset` whose samples carry the exact ``log p_ref`` recorded at sampling time.
+
+    Built by :func:`curated_dataset`. ``reference_log_probs()`` returns them as an ``iwsft.ReferenceLogProbs``
+    (``sample_id → [label tokens]`` fp32), which the recipe uses with ``reference.strategy: dataset``.
+    Attributes: ``num_mismatched`` (rows refused/skipped because the tokenization differs from the recorded ids).
+    """
+
+    ref_logprobs: Dict[int, np.ndarray]
+    num_mismatched: int = 0
+
+    def reference_log_probs(self):
+        import torch
+
+        from iwsft.reference import ReferenceLogProbs
+
+        cache = ReferenceLogProbs(key={"source": "dataset", "description": self.description})
+        for sid in self.sample_ids.tolist():
+            cache._data[int(sid)] = torch.from_numpy(self.ref_logprobs[int(sid)].astype(np.float32))
+        return cache
+
+
+def _first_difference(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
+    for j, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return j
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def curated_dataset(
+    tokenizer,
+    source: str,
+    data_files=None,
+    split: str = "train",
+    conversation_column: str = "messages",
+    reward_column: str = "reward",
+    min_reward: Optional[float] = 1.0,
+    prompt_ids_column: str = "prompt_token_ids",
+    response_ids_column: str = "response_token_ids",
+    logprobs_column: str = "response_logprobs",
+    on_mismatch: str = "error",
+    quality_column: Optional[str] = None,
+    max_seq_len: Optional[int] = None,
+    packed: bool = False,
+    **load_dataset_kwargs,
+) -> CuratedSFTDataset:
+    """Curated samples written by ``python -m iwsft.curate`` (``OUT/samples.jsonl``), ready for
+    ``reference.strategy: dataset``.
+
+    Keeps rows with ``reward_column >= min_reward`` (``min_reward: null`` keeps all: then it is plain
+    distillation of the samples, not curation). Each kept row's conversation is tokenized exactly as in
+    :func:`chat_dataset` (loss on the assistant turn and its ``<|im_end|>``), then checked against the recorded ids:
+    the tokens must equal ``prompt_token_ids + response_token_ids`` and the label positions must be exactly the
+    response. A differing row (e.g. a sample whose ids do not survive decode → re-encode, or one cut at
+    ``max_new_tokens`` whose trained ``<|im_end|>`` was never sampled) raises ``ValueError`` with its row index
+    and first differing position (``on_mismatch: error``, the default), or is skipped and counted in the log
+    (``on_mismatch: skip``). The recorded ``response_logprobs`` (one per response token) become the reference
+    log-probs of the label tokens, in order.
+    """
+    if packed:
+        raise ValueError("packed=True is not supported: torchtune's PackedDataset drops sample_id and quality")
+    if on_mismatch not in ("error", "skip"):
+        raise ValueError(f"on_mismatch={on_mismatch!r}: use 'error' or 'skip'")
+    rows = load_rows(source, data_files=data_files, split=split, **load_dataset_kwargs)
+
+    def keep(row, i):
+        if min_reward is None:
+            return True
+        if reward_column not in row:
+            raise ValueError(f"row {i}: missing column {reward_column!r} (needed by min_reward; set "
+                             "dataset.reward_column or dataset.min_reward: null)")
+        r = row[reward_column]
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+            raise ValueError(f"row {i}: column {reward_column!r} must be a finite number, got {r!r}")
+        return r >= min_reward
+
+    def to_messages(row, i):
+        conv = row.get(conversation_column) if isinstance(row, Mapping) else None
+        if not isinstance(conv, (list, tuple)) or not conv:
+            raise ValueError(f"row {i}: column {conversation_column!r} must be a non-empty list of messages")
+        msgs = []
+        for j, m in enumerate(conv):
+            if not isinstance(m, Mapping) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"row {i}: column {conversation_column!r}, message {j}: expected "
+                                 f"{{'role': one of {_ROLES}, 'content': str}}")
+            msgs.append(Message(role=m["role"], content=m["content"], masked=m["role"] != "assistant"))
+        if msgs[-1].role != "assistant":
+            raise ValueError(f"row {i}: column {conversation_column!r}: the last message must be the assistant's")
+        return msgs
+
+    ds = CuratedSFTDataset(
+        rows, to_messages, tokenizer, keep=keep, quality_column=quality_column, max_seq_len=max_seq_len,
+        description=f"curated_dataset({source if data_files is None else data_files}, min_reward={min_reward})",
+    )
+    keep_idx, ref, first = [], {}, None
+    for n, sid in enumerate(ds.sample_ids.tolist()):
+        row = rows[sid]
+        for col in (prompt_ids_column, response_ids_column, logprobs_column):
+            if col not in row:
+                raise ValueError(f"row {sid}: missing column {col!r}; reference.strategy=dataset needs the ids and "
+                                 "log-probs written by python -m iwsft.curate")
+        prompt, resp, lp = list(row[prompt_ids_column]), list(row[response_ids_column]), row[logprobs_column]
+        if len(lp) != len(resp):
+            raise ValueError(f"row {sid}: {len(resp)} ids in {response_ids_column!r} but {len(lp)} log-probs in "
+                             f"{logprobs_column!r}")
+        lp = np.asarray(lp, dtype=np.float64)
+        if not np.isfinite(lp).all() or (lp > 0).any():
+            raise ValueError(f"row {sid}: {logprobs_column!r} holds values that are not finite log-probs (<= 0)")
+        tokens, labels = ds._tokens[n], ds._labels[n]
+        expect = prompt + resp
+        pos = _first_difference(tokens.tolist(), expect)
+        if pos is None:
+            trained = np.flatnonzero(labels != CROSS_ENTROPY_IGNORE_IDX)
+            if not np.array_equal(trained, np.arange(len(prompt), len(expect))):
+                pos = int(trained[0]) if len(trained) else len(prompt)
+        if pos is not None:
+            what = (f"row {sid}: the recipe's tokenization differs from the recorded ids at position {pos} "
+                    f"(response token {pos - len(prompt)}): recorded "
+                    f"{expect[pos] if pos < len(expect) else 'end'}, tokenized "
+                    f"{int(tokens[pos]) if pos < len(tokens) else 'end'}")
+            if row.get("finish_reason") == "length":
+                what += " (the sample was cut at max_new_tokens: its trained <|im_end|> was never sampled)"
+            if on_mismatch == "error":
+                raise ValueError(what + "; its log p_ref would not belong to the trained tokens. Use the tokenizer "
+                                 "the samples came from, or dataset.on_mismatch=skip to drop such rows.")
+            ds.num_mismatched += 1
+            first = first or what
+            continue
+        keep_idx.append(n)
+        ref[int(sid)] = lp
+    if ds.num_mismatched:
+        ds._tokens = [ds._tokens[n] for n in keep_idx]
+        ds._labels = [ds._labels[n] for n in keep_idx]
+        ds.sample_ids, ds.quality = ds.sample_ids[keep_idx], ds.quality[keep_idx]
+        if _is_rank_zero():
+            _logger().warning(f"{ds.description}: skipped {ds.num_mismatched} rows whose tokenization differs from "
+                              f"the recorded ids (on_mismatch=skip; first: {first}); {len(keep_idx)} left")
+        if not keep_idx:
+            raise ValueError(f"{ds.description}: no samples left: every kept row differs from its recorded ids")
+    ds.ref_logprobs = ref
+    return ds

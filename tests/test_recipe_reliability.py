@@ -1,0 +1,269 @@
+"""The recipe never trains silently on nothing or on NaN, never resumes from damaged state, never shares output_dir.
+
+End-to-end on the tiny random Qwen2 (CPU, gloo), each run a subprocess as ``tune run`` starts it. Faults are
+injected from outside the recipe: a dataset component that blanks labels or poisons one sample
+(``tests/faulty_data.py``), bytes overwritten or cut in saved files, a lock file left by a dead process, a second
+run started while the first one holds ``output_dir``. Expectations are read from the run's own outputs (exit code,
+metric log, ``run_summary.json``, files on disk), not from the recipe's code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_recipe import CONFIGS, RECIPE, load_weights, path_overrides, read_metrics, run_env, tiny_assets  # noqa: F401
+
+TESTS = Path(__file__).resolve().parent
+
+
+def launch(assets, out_dir, *overrides, wrapper=None, config="tiny_cpu"):
+    cmd = [sys.executable] + ([str(wrapper)] if wrapper else []) + [
+        str(RECIPE), "--config", str(CONFIGS / f"{config}.yaml"), *path_overrides(assets, out_dir), *overrides]
+    env = run_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return subprocess.Popen(cmd, cwd=str(Path(out_dir).parent), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run(assets, out_dir, *overrides, wrapper=None, timeout=240):
+    """Run the recipe; return (exit code, combined output)."""
+    proc = launch(assets, out_dir, *overrides, wrapper=wrapper)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def run_ok(assets, out_dir, *overrides, **kw):
+    rc, out = run(assets, out_dir, *overrides, **kw)
+    assert rc == 0, f"recipe failed ({rc}):\n{out[-6000:]}"
+    return out
+
+
+def summary(out_dir) -> dict:
+    return json.loads((Path(out_dir) / "run_summary.json").read_text())
+
+
+FAULTY = ["dataset._component_=faulty_data.faulty_s1k", "quality.use=weight", "dataset.quality_column=quality",
+          "shuffle=false", "batch_size=1", "epochs=1", "max_steps_per_epoch=4"]
+
+
+# ------------------------------------------------------------------------------ 1. zero label tokens
+def test_rows_without_labels_are_dropped_and_empty_steps_skipped_and_nonfinite_steps_skipped(tiny_assets, tmp_path):
+    """truncate=true, max_seq_len=45: the tiny rows' prompts are 44 or 45 tokens, so 25 of 32 rows keep no label
+    token (dropped, counted); of the 7 left, position 0 is blanked (step 1 trains on nothing) and position 2 is
+    poisoned (step 3 is non-finite; skip_nonfinite_steps=1 skips it)."""
+    out = tmp_path / "run"
+    log = run_ok(tiny_assets, out, *FAULTY, "dataset.truncate=true", "dataset.max_seq_len=45",
+                 "dataset.blank_positions=[0]", "dataset.poison_positions=[2]", "skip_nonfinite_steps=1")
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [2, 4]  # the empty and the non-finite step are not logged at all
+    assert all(r["loss"] > 0 and r["nll"] > 0 for r in rows)
+    s = summary(out)
+    assert s["status"] == "completed"
+    assert s["steps_skipped"] == {"no_label_tokens": 1, "non_finite": 1}
+    assert s["dataset_rows"]["no_label_tokens"] == 25 and s["dataset_rows"]["kept"] == 7
+    assert "dropped 25 rows left with no label tokens after truncation" in log
+    assert "step 1: no label tokens in the global batch" in log
+    assert "at optimizer step 3" in log and "skip_nonfinite_steps=1" in log
+    assert (out / "epoch_0" / "CHECKPOINT_COMPLETE").is_file()
+    for v in load_weights(out / "epoch_0").values():
+        assert torch.isfinite(v).all()
+
+
+def test_a_dataset_with_no_trainable_row_refuses_to_start(tiny_assets, tmp_path):
+    rc, log = run(tiny_assets, tmp_path / "run", "dataset.truncate=true", "dataset.max_seq_len=40")
+    assert rc != 0
+    assert "32 rows have no label tokens after truncation to max_seq_len=40" in log
+    assert "raise dataset.max_seq_len" in log
+    assert not (tmp_path / "run" / "epoch_0").exists()
+
+
+# ------------------------------------------------------------------------------ 2. non-finite loss
+def test_nonfinite_step_stops_the_run_naming_step_samples_and_key(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    rc, log = run(tiny_assets, out, *FAULTY, "dataset.poison_positions=[2]")
+    assert rc != 0
+    assert "non-finite" in log and "at optimizer step 3" in log
+    assert "sample ids of the micro-batch(es): rank 0: [2]" in log  # shuffle=false, batch 1: position 2 = id 2
+    assert "dataset.quality_column" in log  # the likely key
+    assert not (out / "epoch_0").exists()  # nothing saved after (or at) the bad step
+    assert summary(out)["status"].startswith("stopped: non-finite")
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert (out / "iwsft_run.lock").read_text() == ""  # the lock was released on the way out
+
+
+def test_unclipped_unnormalised_weights_are_refused_at_validation():
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    spec = importlib.util.spec_from_file_location("_recipe_rel", RECIPE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = OmegaConf.load(CONFIGS / "tiny_cpu.yaml")
+    cfg.weighting.clip_max = None
+    cfg.weighting.temperature = 1000.0
+    with pytest.raises(ValueError, match=r"weighting.clip_max=null needs weighting.normalize=true"):
+        mod.validate_config(cfg)
+    cfg.weighting.normalize = True  # log-space normalisation cannot overflow: allowed
+    mod.validate_config(cfg)
+    cfg.skip_nonfinite_steps = -1
+    with pytest.raises(ValueError, match="skip_nonfinite_steps"):
+        mod.validate_config(cfg)
+
+
+# ------------------------------------------------------------------ 3, 4, 7: damaged state, the output_dir lock
+# Runs the recipe given as argv[1]; its first checkpoint save pauses (holding output_dir) until GO exists.
+PAUSE_IN_SAVE = """
+import os, runpy, sys, time
+import torchtune.training.checkpointing._checkpointer as ckpt_mod
+_save_file = ckpt_mod.save_file
+state = {"paused": False}
+def save_file_and_wait(*args, **kwargs):
+    _save_file(*args, **kwargs)
+    if not state["paused"]:
+        state["paused"] = True
+        open(os.environ["IWSFT_TEST_PAUSED"], "w").close()
+        deadline = time.time() + 120
+        while not os.path.exists(os.environ["IWSFT_TEST_GO"]) and time.time() < deadline:
+            time.sleep(0.1)
+ckpt_mod.save_file = save_file_and_wait
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_assets, tmp_path_factory):
+    """A complete 2-epoch run; while it is paused inside its first save, a second run into the same output_dir
+    is started and must be refused naming the first run's host and pid."""
+    tmp = tmp_path_factory.mktemp("rel_base")
+    out = tmp / "run"
+    wrapper = tmp / "pause_in_save.py"
+    wrapper.write_text(PAUSE_IN_SAVE)
+    paused, go = tmp / "paused", tmp / "go"
+    os.environ["IWSFT_TEST_PAUSED"], os.environ["IWSFT_TEST_GO"] = str(paused), str(go)
+    try:
+        first = launch(tiny_assets, out, wrapper=wrapper)
+        deadline = time.time() + 180
+        while not paused.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert paused.exists(), first.communicate()[0][-4000:]
+        holder = json.loads((out / "iwsft_run.lock").read_text())
+        rc2, log2 = run(tiny_assets, out, "epochs=1")
+        go.touch()
+        log1, _ = first.communicate(timeout=240)
+    finally:
+        del os.environ["IWSFT_TEST_PAUSED"], os.environ["IWSFT_TEST_GO"]
+    assert first.returncode == 0, log1[-5000:]
+    return out, holder, first.pid, rc2, log2
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused(base_run):
+    out, holder, pid, rc2, log2 = base_run
+    assert holder["pid"] == pid and holder["host"]
+    assert rc2 != 0
+    assert f"is in use by another run" in log2 and f'"pid": {pid}' in log2 and holder["host"] in log2
+    assert (out / "epoch_1" / "CHECKPOINT_COMPLETE").is_file()  # the first run finished undisturbed
+    assert (out / "iwsft_run.lock").read_text() == ""  # released at the end
+
+
+def test_resume_refuses_a_weights_file_changed_after_the_save(base_run, tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base_run[0], out)
+    f = out / "epoch_0" / "model-00001-of-00001.safetensors"
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:  # overwrite in place, same size: only a checksum can tell
+        fh.seek(size // 2)
+        fh.write(b"\xff" * 64)
+    assert f.stat().st_size == size
+    rc, log = run(tiny_assets, out, "resume_from_checkpoint=true")
+    assert rc != 0
+    assert f"checkpoint file {f} does not match the sha256" in log
+    marker = json.loads((out / "epoch_0" / "CHECKPOINT_COMPLETE").read_text())
+    assert len(marker["files"]["model-00001-of-00001.safetensors"]["sha256"]) == 64
+
+
+def test_resume_refuses_a_truncated_recipe_state(base_run, tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base_run[0], out)
+    state = out / "recipe_state" / "recipe_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    rc, log = run(tiny_assets, out, "resume_from_checkpoint=true")
+    assert rc != 0
+    assert f"resume state {state} is unreadable" in log and "resume_from_checkpoint=false" in log
+
+
+def test_resume_refuses_a_damaged_reference_cache(base_run, tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base_run[0], out)
+    cache = out / "reference_logprobs.pt"
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    rc, log = run(tiny_assets, out, "resume_from_checkpoint=true")
+    assert rc != 0
+    assert f"reference cache {cache} is unreadable" in log and "reference.strategy=model" in log
+
+
+def test_fresh_run_recomputes_a_garbage_cache_and_takes_over_a_stale_lock(base_run, tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base_run[0], out)
+    cache = out / "reference_logprobs.pt"
+    cache.write_bytes(os.urandom(4096))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that is gone
+    stale = json.dumps({"host": "somehost", "pid": dead.pid, "started": "2026-11-30T00:00:00+00:00"})
+    (out / "iwsft_run.lock").write_text(stale)
+    shutil.rmtree(out / "logs")
+    log = run_ok(tiny_assets, out, "epochs=1", "max_steps_per_epoch=1")
+    assert f"Reference cache {cache} is unreadable" in log and "recomputing" in log
+    assert f"taking over the stale lock of a run that is gone ({stale})" in log
+    assert torch.load(cache, weights_only=True)["version"] == 1  # a readable cache again
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_worker_and_frees_output_dir(tiny_assets, tmp_path):
+    """The documented clean stop: SIGTERM (or Ctrl-C) to torchrun, which forwards it to its workers."""
+    out = tmp_path / "run"
+    env = run_env()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RECIPE),
+           "--config", str(CONFIGS / "tiny_cpu.yaml"), *path_overrides(tiny_assets, out), "max_steps_per_epoch=null",
+           "epochs=50"]
+    launcher = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (out / "epoch_0" / "CHECKPOINT_COMPLETE").exists():
+        time.sleep(0.2)
+    assert (out / "epoch_0" / "CHECKPOINT_COMPLETE").exists()
+    worker = json.loads((out / "iwsft_run.lock").read_text())["pid"]
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=60)
+    deadline = time.time() + 30
+    while time.time() < deadline and _alive(worker):
+        time.sleep(0.2)
+    assert not _alive(worker)  # the rank-0 worker is gone with its launcher
+    from fcntl import LOCK_EX, LOCK_NB, flock
+
+    with open(out / "iwsft_run.lock") as fh:  # nobody holds output_dir any more
+        flock(fh.fileno(), LOCK_EX | LOCK_NB)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
