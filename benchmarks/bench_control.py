@@ -2,13 +2,18 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_control.py                 # speed (needs the medium-replay dataset)
     OMP_NUM_THREADS=1 python benchmarks/bench_control.py --full-run      # also time BC (10k) + iw-SFT (2k) end to end
+    OMP_NUM_THREADS=1 python benchmarks/bench_control.py --dynamics 2000 # weight max / ESS: default vs exact mode
 
 Speed: one iw-SFT gradient step three ways on Hopper medium-replay, all from the same BC init and p_ref:
-  naive   the authors' layout: B whole episodes padded to the longest, policy/q/p_ref forwards on [B, T]
+  naive   the authors' layout: B whole episodes padded to the longest, policy/q/p_ref forwards on [B, T], their
+          per-episode reduction −mean_i[(w_i/Σw) Σ_t log π / T_i]
   exact   our trainer with whole episodes (flat, no padding), log-ratios refreshed every step for the batch's
-          episodes, policy and q run once per distinct step of the batch (same loss and gradient)
-  fast    our trainer's default: sampled steps, per-episode log-ratios refreshed every N steps
+          episodes, policy and q run once per distinct step of the batch (same loss and gradient, × B)
+  fast    our trainer's default: 512 steps drawn from a virtual batch of 256 episodes ∝ weight, log-ratios of all
+          training episodes refreshed every step
 naive and exact are first checked to give the same loss on the same batch.
+--dynamics N: max weight and ESS of all training episodes every 25 steps over N iw-SFT steps, default vs exact
+(written to --dynamics-out as JSON and PNG).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from control.data import build  # noqa: E402
+from control.envs import versions  # noqa: E402
 from control.episodes import load_minari  # noqa: E402
 from control.train import TrainConfig, Trainer  # noqa: E402
 
@@ -48,7 +54,8 @@ def naive_step(policy, q, ref, opt, data, episodes, temperature=10.0, clip_max=1
     with torch.no_grad():
         log_ratio = ((gaussian_logp(q, obs, act) - gaussian_logp(ref, obs, act)) * mask).sum(1) / mask.sum(1)
         w = torch.clamp(torch.exp(temperature * log_ratio), 0, clip_max)
-    loss = -(w * (gaussian_logp(policy, obs, act) * mask).sum(1)).sum() / (w * mask.sum(1)).sum()
+    ell = (gaussian_logp(policy, obs, act) * mask).sum(1) / mask.sum(1)  # mean within each episode
+    loss = -((w / w.sum()) * ell).mean()  # the authors' reduction
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -111,31 +118,42 @@ def main(argv=None):
     p.add_argument("--exact-steps", type=int, default=3)
     p.add_argument("--fast-steps", type=int, default=300)
     p.add_argument("--full-run", action="store_true")
+    p.add_argument("--dynamics", type=int, default=0, help="iw-SFT steps of the weight-dynamics comparison (0: skip)")
+    p.add_argument("--dynamics-out", default="docs/control_weight_dynamics")
+    p.add_argument("--bc-steps", type=int, default=200, help="BC steps for p_ref (--dynamics: use 10000)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     data = load_minari(build("hopper", "medium-replay"))
-    bc = Trainer(TrainConfig.bc(steps=200), data)  # a briefly trained BC policy is enough for timing
-    for _ in range(200):
+    bc = Trainer(TrainConfig.bc(steps=a.bc_steps), data)  # a briefly trained BC policy is enough for timing
+    for _ in range(a.bc_steps):
         bc.train_step()
     init, ref = bc.policy.state_dict(), copy.deepcopy(bc.policy).eval().requires_grad_(False)
-    res = {"dataset": data.summary(), "threads": 1, "episodes_per_batch": a.episodes}
+    res = {"dataset": data.summary(), "threads": 1, "episodes_per_batch": a.episodes, "versions": versions()}
+    if a.dynamics:
+        modes = {"default (sampled, refresh 1)": {},
+                 f"exact ({a.episodes} whole episodes)": {"full_episodes": a.episodes, "refresh_every": 1},
+                 "sampled, refresh 10 (stale)": {"refresh_every": 10}}
+        res["dynamics"] = weight_dynamics(data, init, ref, a.dynamics, modes)
+        Path(a.dynamics_out + ".json").write_text(json.dumps(res, indent=1, default=float))
+        plot_dynamics(res["dynamics"], Path(a.dynamics_out + ".png"))
+        print(json.dumps(res, default=float))
+        return
 
     # 1. same loss on the same batch of whole episodes (all episodes: iw-SFT(Q) over the percentile-selected set)
     cfg_exact = TrainConfig(algo="iwsft_q", full_episodes=a.episodes, refresh_every=1, warmup_steps=0, cosine=False)
     tr = Trainer(cfg_exact, data, init=copy.deepcopy(init), ref=ref)
     for _ in range(3):  # move q away from p_ref so that the weights are not all 1
         tr.train_step()
-    idx = tr.sample_batch()
-    starts = {int(o): e for e, o in enumerate(tr.data.offsets[:-1])}
-    eps = [starts[int(j)] for j in idx if int(j) in starts]
+    batch = tr.sample_batch()
+    eps = batch["episodes"].tolist()
     policy = copy.deepcopy(tr.policy)
     q = copy.deepcopy(tr.ema.module)
     naive_loss = naive_step(policy, q, ref, torch.optim.Adam(policy.parameters(), lr=0.0), tr.data, eps)
     tr.refresh()
-    fast_loss = tr.train_step(idx)["loss"]
+    fast_loss = tr.train_step(batch)["loss"] / len(eps)  # ours is B × the authors' loss (Adam ignores the factor)
     res["loss_naive"], res["loss_exact"] = naive_loss, fast_loss
     res["loss_abs_diff"] = abs(naive_loss - fast_loss)
-    if res["loss_abs_diff"] > 1e-5 * max(1.0, abs(naive_loss)):  # speeds are only comparable at identical losses
+    if res["loss_abs_diff"] > 1e-5 * max(1e-2, abs(naive_loss)):  # speeds are only comparable at identical losses
         raise SystemExit(f"naive loss {naive_loss} != our exact loss {fast_loss}: the timings would compare "
                          "different objectives")
 

@@ -283,9 +283,11 @@ def write_d4rl_hdf5(episodes: Episodes, path: str | Path) -> None:
 
 
 def save_minari(episodes: Episodes, dataset_id: str, final_observations: np.ndarray, description: str = "",
-                algorithm_name: str = "", spec: EnvSpec | None = None):
+                algorithm_name: str = "", spec: EnvSpec | None = None, env=None, eval_env=None):
     """Writes Episodes as a Minari dataset (in MINARI_DATASETS_PATH or ~/.minari) with D4RL reference scores.
-    `final_observations` [E, obs_dim] is the observation after each episode's last step (Minari stores T+1)."""
+    `final_observations` [E, obs_dim] is the observation after each episode's last step (Minari stores T+1).
+    `env` / `eval_env` (a gymnasium id, EnvSpec or env, with kwargs) are recorded as the dataset's recording and
+    evaluation environments; default: the short name's id (e.g. Hopper-v5)."""
     import minari
     from minari.data_collector import EpisodeBuffer
 
@@ -306,7 +308,8 @@ def save_minari(episodes: Episodes, dataset_id: str, final_observations: np.ndar
     with warnings.catch_warnings():  # Minari nags about unset author e-mail / code link / eval env
         warnings.simplefilter("ignore", UserWarning)
         return minari.create_dataset_from_buffers(
-            dataset_id, buffers, env=spec.gym_id, algorithm_name=algorithm_name or None, author="iwsft",
+            dataset_id, buffers, env=env if env is not None else spec.gym_id, eval_env=eval_env,
+            algorithm_name=algorithm_name or None, author="iwsft",
             ref_min_score=spec.ref_min, ref_max_score=spec.ref_max, description=description or None,
             requirements=["gymnasium[mujoco]>=1.0"])
 

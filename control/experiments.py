@@ -118,15 +118,16 @@ def check_finished_run(run_dir: Path, tcfg: TrainConfig, dataset: dict, init_has
     return True
 
 
-def run_seed(cfg: ExperimentConfig, seed: int, data: Episodes | None = None) -> list[str]:
-    """BC, then every other algorithm from it, for one seed (resumable); returns the printed lines."""
+def run_seed(cfg: ExperimentConfig, seed: int, data: Episodes | None = None, algos=None) -> list[str]:
+    """`algos` (default: BC, then every other algorithm from it) for one seed (resumable); returns the printed
+    lines. Any algorithm other than BC needs this seed's finished BC run."""
     torch.set_num_threads(1)
     if data is None:  # worker process: load the (already built) dataset again
         data = load_dataset(cfg)[0]
     root = Path(cfg.out) / load_dataset_tag(cfg)
     bc_dir = root / "bc" / f"seed{seed}"
     lines = []
-    for algo in ["bc"] + [a for a in cfg.algos if a != "bc"]:
+    for algo in algos or ["bc"] + [a for a in cfg.algos if a != "bc"]:
         run_dir = root / algo / f"seed{seed}"
         tcfg = train_config(cfg, algo, seed)
         init = ref = init_hash = None
@@ -178,11 +179,13 @@ def run_all(cfg: ExperimentConfig) -> Path:
     if cfg.workers == 1 or cfg.seeds == 1:
         for seed in range(cfg.seeds):
             run_seed(cfg, seed, data)
-    else:  # one process per seed at a time; each loads the dataset itself (cheaper than pickling it)
+    else:  # processes take (algorithm, seed) jobs, BC of every seed first, then one algorithm at a time (so that an
+        # interrupted run leaves whole rows); each process loads the dataset itself (cheaper than pickling it)
         import multiprocessing as mp
         with ProcessPoolExecutor(min(cfg.workers, cfg.seeds), mp_context=mp.get_context("spawn")) as pool:
-            for f in [pool.submit(run_seed, cfg, seed) for seed in range(cfg.seeds)]:
-                f.result()
+            for algo in ["bc"] + [a for a in cfg.algos if a != "bc"]:
+                for f in [pool.submit(run_seed, cfg, seed, None, [algo]) for seed in range(cfg.seeds)]:
+                    f.result()
     table = write_table(root)
     plot(root)
     print(table)
@@ -223,7 +226,8 @@ def write_table(root: Path) -> str:
     ev = first.get("eval_env") or ds.get("eval_env") or {}
     cfg0 = (results.get("iwsft") or results.get("iwsft_q") or results.get("filtered_bc") or [first])[0].get("config", {})
     mode = (f"exact ({cfg0.get('full_episodes')} whole episodes per batch)" if cfg0.get("full_episodes")
-            else f"sampled ({cfg0.get('batch_size')} steps per batch, episodes drawn ∝ p_i·w_i)")
+            else f"sampled ({cfg0.get('batch_size')} steps per batch drawn from a virtual batch of "
+                 f"{cfg0.get('virtual_episodes')} episodes ∝ weight)")
     split = ds.get("split_episodes")
     lines = [f"Generated {datetime.date.today().isoformat()} with " + ", ".join(f"{k} {v}" for k, v in vers.items())
              + ".", "",

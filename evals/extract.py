@@ -1,36 +1,26 @@
-"""Reading the final answer out of a model output (text layer; the values are parsed by math-verify).
+"""Reading the final answer out of a model output (the text layer; values are parsed by math-verify).
 
-The reading rules, in the order they apply (docs/evals.md, "Reading rules", says the same with examples):
+The rules, in the order they apply (docs/evals.md, "Reading rules", gives them with examples):
 
-1. **Assistant turn** (:func:`assistant_turn`): the output is cut at the first end-of-turn marker that has text
-   before it: ``<|im_end|>``, ``<|endoftext|>``, ``<|eot_id|>``, ``<｜end▁of▁sentence｜>``, ``</s>``, or a new
-   ``<|im_start|>`` header other than ``think``/``answer`` (``user``, ``system``, ``assistant``, or a bare one).
-   Backends that do not stop at the end of the turn otherwise leave the next turns in the output.
-2. **Answer region** (:func:`split_reply`): after the last ``<|im_start|>answer`` (s1 format), else after the last
-   ``</think>`` (R1 format), else the whole turn. s1's format with the special tokens stripped (the HF backend
-   decodes with ``skip_special_tokens``) is recognised by its ``think`` / ``answer`` header lines. A think phase
-   that was opened and never closed is *unfinished*: no answer is read from it (see :mod:`evals.scoring`).
-3. **Final answer** inside the region (:func:`final_math_answer`, :func:`final_choice`): the last of
-   - the last group of ``\\boxed{}`` / ``\\fbox{}`` (several boxes joined only by ``,``, ``and``, ``or``,
-     ``\\quad`` ... form one answer: ``\\boxed{3}, \\boxed{7}`` reads ``3, 7``), and
-   - the last *answer statement*: a cue (``Answer:``, ``Final Answer:``, ``the (final/correct) answer is``,
-     ``Final answer -``) and the rest of its line (or the next line when the cue ends the line).
-   A statement after the last box wins over that box (``\\boxed{144}`` ... ``Final Answer: The final answer is
-   20736`` reads 20736); a statement with no readable value does not.
-4. **Value of a statement** (:func:`statement_value`): Minerva's ``I hope it is correct`` tail and negated values
-   (``not 27``, ``rather than 28``) are dropped; the text after the first ``is`` / ``are`` / ``equals`` / ``=``
-   outside math is kept, cut at the end of the sentence or at a clause word (``when``, ``for``, ``since`` ...);
-   math-verify's own extraction (``LatexExtractionConfig``, ``ExprExtractionConfig``) reads the value from that.
-   A hedge between two values (``27 or 28``) reads nothing.
-5. **Fallback** (math only, when there is no box and no statement): the final statement of the region - its last
-   display-math block, a last line that is only a value, or a last sentence that concludes (``so``, ``thus``,
-   ``total``, ``is`` ...) and does not explore (``let``, ``check``, ``suppose``, ``?`` ...) - read as in rule 4.
+1. Assistant turn (:func:`assistant_turn`): cut at the first end-of-turn marker with text before it
+   (``<|im_end|>``, ``<|endoftext|>``, ``<|eot_id|>``, ``<｜end▁of▁sentence｜>``, ``</s>``, a new ``<|im_start|>``
+   header other than s1's ``think``/``answer``), or, after an answer, at a line starting ``Problem:`` /
+   ``Question:`` (a completion writing the next few-shot problem).
+2. Answer region (:func:`split_reply`): after the last ``<|im_start|>answer``, else after the last ``</think>``,
+   else the whole turn; a think phase opened and never closed is *unfinished* (:mod:`evals.scoring` decides).
+3. Negated values (``not 27``, ``rather than (B)``) are blanked (:func:`blank_negations`).
+4. Final answer (:func:`final_math_answer`): the last answer statement after the last box group that has a value
+   (:func:`cue_statements`, :func:`statement_value_text`), else that box group (:func:`final_box_group`).
+5. A statement's value: the leading value, or the value after its conclusion word and copula, cut at the clause
+   end; math-verify's extraction (``LatexExtractionConfig(boxed_match_priority=0)``, ``ExprExtractionConfig``)
+   reads it; a hedge (``27 or 28``) reads nothing; prose with a number inside is never handed to math-verify.
+6. Fallback (no box, no statement): the region's final statement when it concludes (:func:`_final_statement`).
+7. Normalisation for comparison (:func:`normalise_answer`): percent/degree signs and option labels dropped.
+8. GPQA (:func:`final_choice`): the last of box, answer statement, choice cue, "(B) is correct" and option-only
+   line; two letters in the final statement read nothing (:data:`AMBIGUOUS`).
 
-GPQA letters: boxes, answer statements and lines that are only a letter (``**C**``, ``(D)``, or ``(D) <text of
-choice D>``) are candidates; the last one wins; a statement naming two different letters (``(B) or (C)``) reads
-nothing. Letters in prose (``A) is wrong``, ``option B is too small``) are never candidates.
-
-This module does only text work and imports math-verify lazily (in :func:`parse_value`), so it imports fast.
+Only :func:`parse_latex_answer` / :func:`parse_statement` / the GPQA letter check call math-verify (imported
+lazily), so this module imports fast.
 """
 
 from __future__ import annotations
@@ -41,7 +31,6 @@ from functools import lru_cache
 
 ANSWER_DELIMITER = "<|im_start|>answer"
 THINK_DELIMITER = "<|im_start|>think"
-SEGMENT_DELIMITER = "<|im_start|>"
 
 # Markers that end the assistant turn (Qwen/ChatML, GPT-2/Qwen base EOS, Llama 3, DeepSeek, sentencepiece EOS).
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<｜end▁of▁sentence｜>", "</s>")
@@ -77,13 +66,15 @@ def assistant_turn(text: str) -> tuple[str, bool]:
         if text[:m.start()].strip():
             cut = m.start() if cut is None else min(cut, m.start())
             break
-    for m in _NEXT_PROBLEM.finditer(text):
-        if cut is not None and m.start() >= cut:
-            break
-        before = text[:m.start()]
-        if find_boxes(before) or cue_statements(before):  # only after an answer: a new problem begins
-            cut = m.start()
-            break
+    region_end = len(text) if cut is None else cut
+    nexts = [m.start() for m in _NEXT_PROBLEM.finditer(text, 0, region_end)]
+    if nexts:
+        # only after an answer (a box or an answer statement) does such a line begin a new problem
+        answered = [b[1] for b in find_boxes(text[:nexts[-1]])] + [c[1] for c in cue_statements(text[:nexts[-1]])]
+        first_answer = min(answered) if answered else None
+        later = [n for n in nexts if first_answer is not None and n >= first_answer]
+        if later:
+            cut = later[0]
     if cut is None:
         return text, False
     return text[:cut], True
@@ -230,9 +221,17 @@ def final_box_group(text: str) -> tuple[int, int, list[str]] | None:
 # "Final answer - B", "answer is:". The cue must end with ":" / "is" / "-" so that "answer" in prose is no cue.
 _CUE = re.compile(
     r"(?i:\b(?:final\s+answer|(?:the\s+)?(?:correct|final|right|best)?\s*answer)(?:\s+to\s+the\s+question)?)"
-    r"(?:\*\*|__)?\s*(?:(?i:is|would\s+be|will\s+be)\b\s*:?|:|\s-|\s—|\s=)(?:\*\*|__)?",
+    r"(?:\*\*|__)?\s*(?:(?i:is)\b\s*:?|:|\s-|\s—|\s=)(?:\*\*|__)?",
 )
+# "If the question meant mass, the answer is (B)": a conditional sentence states no answer
+_CONDITIONAL = re.compile(r"(?i)\b(?:if|unless|suppose|supposing|assuming|had|were)\b")
 _MINERVA_TAIL = re.compile(r"(?i)\.?\s*I\s+hope\s+(?:it|this)\s+is\s+correct.*", re.DOTALL)
+
+
+def _conditional(text: str, pos: int) -> bool:
+    """The sentence holding ``pos`` opens with a condition before it ("If ..., the answer would be (B)")."""
+    start = max(text.rfind("\n", 0, pos), *(text.rfind(p, 0, pos) for p in (". ", "! ", "? ")))
+    return bool(_CONDITIONAL.search(_mask_math(text[start + 1:pos])))
 
 
 def cue_statements(text: str) -> list[tuple[int, int, str]]:
@@ -242,6 +241,8 @@ def cue_statements(text: str) -> list[tuple[int, int, str]]:
     """
     out = []
     for m in _CUE.finditer(text):
+        if _conditional(text, m.start()):
+            continue
         rest_start = m.end()
         eol = text.find("\n", rest_start)
         eol = len(text) if eol < 0 else eol
@@ -296,8 +297,18 @@ def _strip_statement(s: str) -> str:
     return s.strip()
 
 
-_LEADING_VALUE = re.compile(r"(?:\$|\\\(|\\\[|\\(?:boxed|fbox|frac|dfrac|tfrac|sqrt|pi|infty|\{|left|text\{\s*[-\d])|[-+]?[(\[]?[-+]?\.?\d"
-                            r"|[A-Za-z](?:_\{?\w+\}?)?\s*=)")
+_LEADING_VALUE = re.compile(r"(?:\$|\\\(|\\\[|\\\$|[-+]?\\(?:[A-Za-z]+|\{)|[-+]?[(\[]?[-+]?\.?\d|[A-Za-z](?:_\{?\w+\}?)?\s*=)")
+# words that may stand between a copula and its value ("is exactly 5", "is then $x = 2$", "not 27 but 28")
+_FILLER = re.compile(r"(?i)\A(?:\s*(?:but|the|exactly|precisely|just|simply|equal\s+to|given\s+by|approximately|about|"
+                     r"roughly|around|then|therefore|thus|now|indeed|actually|only|still|also|likely|probably|clearly|"
+                     r"definitely|certainly|surely|most\s+likely)\b|\s*[:,])*\s*")
+
+
+def leads_with_value(text: str) -> bool:
+    """The text starts with a value (after filler words), or is math only: math-verify may read it. Prose with a
+    number inside ("divisible by 7", "the 50 numbers") is never handed to math-verify's anywhere-in-text search."""
+    t = text[_FILLER.match(text).end():]
+    return bool(_LEADING_VALUE.match(t)) or is_math_only(t)
 _CONCLUSION = re.compile(r"(?i)\b(?:so|thus|therefore|hence|i\.e\.|that\s+is|which\s+means|this\s+means|meaning)\b,?")
 
 
@@ -346,7 +357,6 @@ def is_math_only(s: str) -> bool:
 
 _PERCENT = re.compile(r"\s*(?:\\%|%|\\text\{\s*\\?%\s*\}|\\(?:text|mbox|mathrm)\{\s*percent\s*\}|\s+percent\b)")
 _DEGREE = re.compile(r"\s*(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree\b|\\text\{\s*°\s*\}|\^\{\\text\{o\}\})")
-_THOUSANDS = re.compile(r"(?<![\d.])(\d{1,3})(?:\{,\}|,\\!|,)(\d{3})(?![\d])")
 
 
 def normalise_answer(s: str) -> str:
@@ -462,7 +472,10 @@ def _statement_reading(body: str, source: str = "statement") -> Reading | None:
     if value is None:
         return None
     for text in (value, _before_copula(body)):
-        parsed = parse_statement(text) if text else ()
+        if not text or not leads_with_value(text):
+            continue
+        text = text[_FILLER.match(text).end():]
+        parsed = parse_statement(text)
         if parsed:
             return Reading(_written(parsed, text), parsed, source)
     words = value.strip().strip("$").strip()
@@ -471,7 +484,7 @@ def _statement_reading(body: str, source: str = "statement") -> Reading | None:
         # a short word answer ("Evelyn", "odd"): compared as \text{...} like math-verify does with text golds
         parsed = parse_latex_answer("\\text{" + words + "}")
         if parsed:
-            return Reading(words, parsed, source)
+            return Reading("\\text{" + words + "}", parsed, source)
     return None
 
 
@@ -606,6 +619,7 @@ def _choice_letter(answer: str | None, choices: list[str] | None) -> str | None:
     if hedge and letters and {m.group(1) for m in _OPTION.finditer(rest.split("\n")[0])} - letters:
         return AMBIGUOUS  # "(B), but (C) is also plausible"
     if len(letters) == 1:
+        head = head[_FILLER.match(head).end():]
         lead = _LEAD_LETTER.match(head)
         if lead is None:
             # "The correct option is (A)": the letter right after the last copula of the head
@@ -647,10 +661,12 @@ def _bare_letter_line(line: str, choices: list[str] | None) -> str | None:
 # "the correct option is (C)", "the best choice would be B", "I choose B"
 _CHOICE_CUE = re.compile(r"(?i:\b(?:correct|best|right|final|most\s+likely)\s+(?:choice|option|answer)\s+(?:is|would\s+be|"
                          r"must\s+be|should\s+be)\b:?|\bI\s+(?:choose|pick|select|go\s+with)\b:?"
-                         r"|\b(?:thus|so|therefore|hence)\b,?(?=\s*\**[\(\[]?[A-D][\)\]]?\**\s*[.!]?\s*$))", re.MULTILINE)
+                         r"|\b(?:thus|so|therefore|hence)\b,?(?=\s*\**[\(\[]?[A-D][\)\]]?\**\s*[.!]?\s*$)"
+                         # "Wait, no. Looking again, B.": a lone letter after a comma/colon ends the line
+                         r"|(?<=[a-z])[,:](?=\s*\**[\(\[]?[A-D][\)\]]?\**\s*[.!]?\s*$))", re.MULTILINE)
 # "(B) is the correct answer", "Option C is correct"
 _IS_CORRECT = re.compile(r"(?:^|(?<=\s))(?i:option\s+|choice\s+)?[\(\[]?([A-D])[\)\]]?\*{0,2}\s+is\s+(?:the\s+)?"
-                         r"(?i:correct|right|best)\b(?!\s+only)")
+                         r"(?i:correct|right|best)(?:\s+(?i:answer|choice|option))?\**\s*[.!]?\**\s*$", re.MULTILINE)
 
 
 def final_choice(region: str, choices: list[str] | None = None) -> str | None:
@@ -672,6 +688,8 @@ def final_choice(region: str, choices: list[str] | None = None) -> str | None:
         if letter is not None:
             candidates.append((start, letter))
     for m in _CHOICE_CUE.finditer(region):
+        if _conditional(region, m.start()):
+            continue
         eol = region.find("\n", m.end())
         letter = _choice_letter(region[m.end(): len(region) if eol < 0 else eol], choices)
         if letter is not None:

@@ -7,9 +7,12 @@ read - whether the output was ``truncated`` (it hit ``max_gen_toks``) or finishe
 
 Truncation (``Verdict.status == "truncated"``): when the generated token count and ``max_gen_toks`` are passed,
 ``gen_tokens >= max_gen_toks``; otherwise (lm-eval's ``process_results`` sees only the text, with the stop string
-already removed) it is inferred from the text: a think phase opened and never closed (s1 ``<|im_start|>think``
-without ``<|im_start|>answer``, R1 ``<think>`` without ``</think>``), a ``\boxed{`` left open, or - when no
-end-of-turn marker was seen - text that stops without a sentence end.
+already removed) it is inferred from the text. Not truncated: an end-of-turn marker was seen (the model stopped).
+Truncated: a think phase opened and never closed (s1 ``<|im_start|>think`` without ``<|im_start|>answer``, R1
+``<think>`` without ``</think>``), a ``\boxed{`` left open, a repetition loop at the end, or text that stops
+without a sentence end (unless its last line is an answer statement or a bare value).
+
+math-verify times its work out with SIGALRM, so call these from the main thread.
 """
 
 from __future__ import annotations
@@ -54,13 +57,13 @@ def looks_truncated(output: str, gen_tokens: int | None = None, max_gen_toks: in
     if gen_tokens is not None and max_gen_toks is not None:
         return gen_tokens >= max_gen_toks
     reply = split_reply(output or "")
-    if reply.think_unfinished:
-        return True
-    if has_open_box(reply.region):
-        return True
     if reply.ended:
-        return False
+        return False  # an end-of-turn marker: the model stopped by itself
+    if reply.think_unfinished or has_open_box(reply.region):
+        return True
     tail = reply.region.rstrip()
+    if _looping(tail):
+        return True  # a degenerate repetition loop runs until the token limit
     if not tail:
         return False  # nothing after the last phase header: the model stopped there, it did not run out of tokens
     if re.search(r"(?:[.!?)\]}*$`\"'\u3002]|\\\]|\\\))\s*\Z", tail):
@@ -69,6 +72,17 @@ def looks_truncated(output: str, gen_tokens: int | None = None, max_gen_toks: in
     # a last line that is an answer statement ("Answer: B or C") or only a value ("204") is a finished reply
     value_line = is_math_only(last_line.strip("*_ ")) and not re.search(r"[-+*/=(,^_\\{]\s*\Z", last_line)
     return not (cue_statements(last_line) or value_line)
+
+
+def _looping(text: str, times: int = 4, longest: int = 400) -> bool:
+    """The text ends with the same chunk (1 to ``longest`` characters) repeated at least ``times`` times, or its
+    last 12 non-empty lines hold at most 3 distinct ones."""
+    for period in range(1, min(longest, len(text) // times) + 1):
+        chunk = text[-period:]
+        if text.endswith(chunk * times) and len(chunk.strip()) > 0 and period * times >= 40:
+            return True
+    lines = [ln.strip() for ln in text.split("\n") if ln.strip()][-12:]
+    return len(lines) == 12 and len(set(lines)) <= 3
 
 
 def _unread(output: str, gen_tokens, max_gen_toks) -> Verdict:

@@ -1,28 +1,35 @@
-"""End-to-end iw-SFT demo on CPU, fully offline: ``python -m iwsft.demo`` (or the ``iwsft-demo`` script).
+"""The main job: one round of self-curation on CPU, fully offline: ``iwsft-demo`` (or ``python -m iwsft.demo``).
 
-1. builds a tiny random Qwen2 model, its tokenizer and a 32-row s1K-style dataset (:mod:`iwsft.tiny`) in
-   ``<workdir>/assets`` (reused when already complete);
-2. trains it with the stock torchtune CLI, 2 gloo processes::
+The setting in which iw-SFT is exact — the model curates its *own* verified samples, so ``p_ref`` is known token by
+token — on the embedded tiny setup:
 
-       tune run --nproc_per_node 2 iwsft_distributed --config tiny_cpu \\
-           checkpoint_dir=<workdir>/assets/model dataset.data_files=<workdir>/assets/data/s1k_tiny.jsonl \\
-           output_dir=<workdir>/run
+1. ``p_ref``: the tiny Qwen2-architecture model shipped in ``iwsft/assets/pref_addition`` (0.5 MB; trained through
+   the recipe on a noisy two-strategy teacher for two-digit addition: ``python -m iwsft.selfimprove pretrain
+   --install`` rebuilds it). Its held-out accuracy (greedy and sampled at temperature 1) is measured first.
+2. curate: ``k`` samples per training prompt at temperature 1 with :mod:`iwsft.curate` (KV cache, batched),
+   verified with the checker of ``evals/`` (``score_aime``: integer answers), recording each sampled token's
+   ``log p_ref``.
+3. fine-tune from ``p_ref`` on the verified samples with the stock CLI, once per method, identical data order,
+   steps and learning rate::
 
-   (the recipe prints the loss and the importance-weight statistics every step);
-3. loads the saved HF checkpoint (``<workdir>/run/epoch_N``) with ``transformers``, reports the mean NLL of the
-   training answers before and after training, and greedily generates a reply to one of the chat prompts.
+       tune run --nproc_per_node 2 iwsft_distributed --config selfcurate_tiny checkpoint_dir=<p_ref> \
+           dataset.data_files=<workdir>/curated/samples.jsonl output_dir=<workdir>/runs/<method> [method=sft]
 
-``<workdir>/run`` is replaced on every run (only if an earlier demo created it); extra ``key=value`` arguments
-are passed to ``tune run`` as config overrides (e.g. ``method=sft``, ``epochs=1``). By default the demo trains
-on 256 rows for 3 epochs (192 steps, :data:`DEMO_OVERRIDES`), about a minute in all on 2 CPU cores.
+   methods: ``sft``; ``iwsft`` (the authors' settings: sequence weights, temperature 1, clip 16);
+   ``iwsft_t20`` (weighting temperature 20) — with ``reference.strategy: dataset`` (the recorded ``log p_ref``).
+4. evaluate every model on held-out prompts with the same checker and print the comparison and the
+   importance-weight statistics from the training logs.
+
+Everything goes to ``<workdir>`` (default ``outputs/demo``; ``<workdir>/runs`` is replaced on every run, only if
+an earlier demo created it). Extra ``key=value`` arguments are passed to every ``tune run`` as config overrides.
+One round on 2 cores takes about 2–3 minutes. One round with one seed is a demonstration, not evidence: the
+study with paired seeds is ``python -m iwsft.selfimprove`` (README, "Self-curation").
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import json
-import logging
 import os
 import re
 import shutil
@@ -34,10 +41,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 RUN_MARKER = ".iwsft_demo_run"
-# Longer than the config's smoke-test schedule so the tiny model visibly learns the s1 format: 256 rows, 3 epochs
-# = 192 optimizer steps on 2 processes (about 35 s of training on 2 CPU cores). A user override of a key wins.
-DEMO_NUM_ROWS = 256
-DEMO_OVERRIDES = ("epochs=3", "max_steps_per_epoch=null")
+DEMO_METHODS = ("sft", "iwsft", "iwsft_t20")
 
 # Registers the recipe with torchtune's registry in-process, then hands over to the stock CLI. Used only when the
 # project's site-packages hook (iwsft_tune_registry.pth) is not installed, e.g. when running from a source tree.
@@ -97,176 +101,149 @@ def _parse_log(output_dir) -> List[Dict[str, float]]:
     return sorted(rows, key=lambda r: r["step"])
 
 
-def answer_nll(model_dir, assets: Dict[str, str], max_rows: int = 32) -> float:
-    """Mean NLL per trained token (assistant answers, s1 format) of the HF model in ``model_dir`` on the tiny data.
-
-    Tokens/labels come from :func:`iwsft.tune.datasets.s1k_dataset`; ``nll = -Σ log p(label) / #labels`` with the
-    usual one-step shift (position t predicts label t+1).
-    """
-    import torch
-    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
-    from transformers import AutoModelForCausalLM
-
-    from iwsft.tune.collate import padded_collate_iwsft
-    from iwsft.tune.datasets import s1k_dataset
-
-    logging.getLogger("iwsft.tune.datasets").setLevel(logging.WARNING)  # the training log already showed it
-    tok = qwen2_5_tokenizer(path=assets["vocab"], merges_file=assets["merges"],
-                            special_tokens_path=assets["tokenizer_json"])
-    ds = s1k_dataset(tok, source=assets["data"])
-    batch = padded_collate_iwsft([ds[i] for i in range(min(max_rows, len(ds)))], padding_idx=tok.pad_id)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(input_ids=batch["tokens"]).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    valid = labels != -100
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return float(-(logp * valid).sum() / valid.sum())
-
-
-def generate(model_dir, question: str, max_new_tokens: int = 32) -> str:
-    """Greedy reply of the HF model in ``model_dir`` to ``question`` (Qwen chat template, default system prompt)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=False)
-
-
-def _run_streaming(cmd: List[str], log_path: Path, env: Dict[str, str], timeout: float) -> int:
-    """Runs ``cmd``, echoing its output and copying it to ``log_path``; kills it after ``timeout`` seconds."""
-    import threading
-
-    with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      env=env, text=True, bufsize=1,
-                                                      start_new_session=True) as proc:
-        def pump():  # a thread, so a silent hang cannot block the timeout below
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                log.write(line)
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # torchrun's workers live in the session we created: signal the whole group so none is left behind
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            reader.join(timeout=5)
-            raise RuntimeError(f"training did not finish within {timeout:.0f} s; see {log_path}") from None
-        reader.join(timeout=30)
-        return rc
-
-
 def run_demo(
     workdir="outputs/demo",
     *,
     nproc: int = 2,
-    config: str = "tiny_cpu",
-    overrides: Sequence[str] = DEMO_OVERRIDES,
+    k: int = 4,
+    train_prompts: int = 128,
+    eval_prompts: int = 100,
+    eval_samples: int = 2,
+    methods: Sequence[str] = DEMO_METHODS,
+    overrides: Sequence[str] = (),
     seed: int = 0,
-    num_rows: int = DEMO_NUM_ROWS,
-    max_new_tokens: int = 32,
+    pref: Optional[str] = None,
     timeout: float = 900.0,
 ) -> Dict[str, Any]:
-    """Runs the three demo steps (see the module docstring) and returns a summary dict.
+    """Runs one self-curation round (see the module docstring) and returns a summary dict.
 
-    Returns: ``assets`` (paths), ``command`` (argv of the training run), ``checkpoint`` (path), ``train_seconds``,
-    ``log`` (parsed metric rows), ``nll_before``/``nll_after`` (mean answer-token NLL), ``question``,
-    ``generation`` (text).
+    Returns: ``pref`` (model dir), ``pref_eval``, ``curate`` (the curation summary), ``results`` (per method:
+    ``checkpoint``, ``train_seconds``, ``log`` (parsed metric rows), ``weights`` (mean of the logged weight
+    statistics over steps), ``eval`` (``greedy_acc``, ``sampled_acc``, strategy shares)), ``seconds``.
+    Raises ``RuntimeError`` (with the log path) when a training run fails.
     """
-    from iwsft.tiny import build_tiny_assets
+    from iwsft.curate import SamplingConfig, curate, load_prompts
+    from iwsft.selfimprove import ASSET_DIR, METHODS, P_ONES, evaluate, weight_log_stats, write_prompts
 
     t0 = time.monotonic()
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"[iwsft-demo] building tiny assets in {workdir / 'assets'}", flush=True)
-    # overwrite: <workdir>/assets is the demo's own scratch; a different --seed/--num-rows rebuilds it
-    assets = build_tiny_assets(workdir / "assets", seed=seed, num_rows=num_rows, overwrite=True)
+    pref_dir = Path(pref).resolve() if pref else ASSET_DIR
+    if not (pref_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no p_ref model in {pref_dir}: rebuild it with python -m iwsft.selfimprove "
+                                "pretrain --install")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}: choose from {list(METHODS)}")
+    runs = workdir / "runs"
+    if runs.exists():
+        if not (runs / RUN_MARKER).is_file():
+            raise FileExistsError(f"{runs} exists and was not made by iwsft.demo; remove it or pick --workdir")
+        shutil.rmtree(runs)
+    runs.mkdir()
+    (runs / RUN_MARKER).write_text("created by python -m iwsft.demo; replaced on the next run\n")
+    for d in ("curated",):
+        shutil.rmtree(workdir / d, ignore_errors=True)
 
-    run_dir = workdir / "run"
-    if run_dir.exists():
-        if not (run_dir / RUN_MARKER).is_file():
-            raise FileExistsError(f"{run_dir} exists and was not made by iwsft.demo; remove it or pick --workdir")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir()
-    (run_dir / RUN_MARKER).write_text("created by python -m iwsft.demo; replaced on the next run\n")
+    held = write_prompts(workdir / "prompts" / "heldout.jsonl", eval_prompts, seed=424242)
+    write_prompts(workdir / "prompts" / "train.jsonl", train_prompts, seed=17 + seed,
+                  exclude=[r["question"] for r in held])
+    print(f"[iwsft-demo] p_ref: {pref_dir}", flush=True)
+    pref_eval = evaluate(pref_dir, workdir / "prompts" / "heldout.jsonl", samples=eval_samples, seed=1000 + seed)
+    print(f"[iwsft-demo] p_ref held-out accuracy: greedy {pref_eval['greedy_acc']:.3f}, sampled "
+          f"{pref_eval.get('sampled_acc', float('nan')):.3f}", flush=True)
 
-    tune_args = ["run", "--nproc_per_node", str(nproc), "iwsft_distributed", "--config", config,
-                 f"checkpoint_dir={assets['checkpoint_dir']}", f"dataset.data_files={assets['data']}",
-                 f"output_dir={run_dir}", *overrides]
-    cmd = tune_command(tune_args)
+    print(f"[iwsft-demo] curating {k} samples per prompt for {train_prompts} training prompts (temperature 1)",
+          flush=True)
+    cfg = SamplingConfig(k=k, temperature=1.0, max_new_tokens=48, batch_prompts=16, seed=seed)
+    cur = curate(pref_dir, load_prompts(workdir / "prompts" / "train.jsonl"), workdir / "curated", cfg,
+                 verifier="aime", progress=False)
+    samples = workdir / "curated" / "samples.jsonl"
+
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # the processes share the machine's cores
     env["PYTHONUNBUFFERED"] = "1"
-    print("[iwsft-demo] training: tune " + " ".join(tune_args), flush=True)
-    t1 = time.monotonic()
-    rc = _run_streaming(cmd, workdir / "train.log", env, timeout)
-    train_s = time.monotonic() - t1
-    if rc != 0:
-        raise RuntimeError(f"training failed (exit code {rc}); full output in {workdir / 'train.log'}")
+    results: Dict[str, Any] = {}
+    for m in methods:
+        out = runs / m
+        tune_args = ["run", "--nproc_per_node", str(nproc), "iwsft_distributed", "--config", "selfcurate_tiny",
+                     f"checkpoint_dir={pref_dir}", f"dataset.data_files={samples}", f"output_dir={out}",
+                     f"seed={seed}", *METHODS[m], *overrides]
+        print(f"[iwsft-demo] training {m}: tune " + " ".join(tune_args), flush=True)
+        t1 = time.monotonic()
+        log_path = runs / f"{m}.log"
+        rc = _run_quiet(tune_command(tune_args), log_path, env, timeout)
+        if rc != 0:
+            raise RuntimeError(f"training {m} failed (exit code {rc}); full output in {log_path}")
+        train_s = time.monotonic() - t1
+        ckpt = latest_checkpoint(out)
+        ev = evaluate(ckpt, workdir / "prompts" / "heldout.jsonl", samples=eval_samples, seed=1000 + seed)
+        results[m] = {"checkpoint": str(ckpt), "train_seconds": train_s, "log": _parse_log(out),
+                      "weights": weight_log_stats(out), "eval": ev}
+        print(f"[iwsft-demo]   {m}: {train_s:.0f} s, greedy {ev['greedy_acc']:.3f}, sampled "
+              f"{ev.get('sampled_acc', float('nan')):.3f}", flush=True)
 
-    ckpt = latest_checkpoint(run_dir)
-    rows = [json.loads(line) for line in Path(assets["data"]).read_text().splitlines()]
-    question = rows[0]["question"]
-    nll_before = answer_nll(assets["model_dir"], assets)
-    nll_after = answer_nll(ckpt, assets)
-    text = generate(ckpt, question, max_new_tokens=max_new_tokens)
-    log_rows = _parse_log(run_dir)
+    print("\n[iwsft-demo] summary (one round, one seed: a demonstration, not a significance test)")
+    print(f"  curated: {cur['samples']} samples, accuracy {cur['accuracy']:.3f}, {cur['correct_samples']} verified "
+          f"rows trained on, pass@{k} {cur[f'pass@{k}']:.3f}; {cur['samples_per_second'] or 0:.1f} samples/s")
+    print(f"  {'model':<10} {'greedy':>7} {'sampled':>8} {'ones%':>6}   weights: mean    std     min     max    "
+          f"ESS   clip_hi  log_ratio")
+    rows = [("p_ref", pref_eval, None)] + [(m, r["eval"], r["weights"]) for m, r in results.items()]
+    for name, ev, w in rows:
+        line = (f"  {name:<10} {ev['greedy_acc']:>7.3f} {ev.get('sampled_acc', float('nan')):>8.3f} "
+                f"{100 * ev.get('share_ones', float('nan')):>6.1f}")
+        if w and "weight_mean" in w:
+            line += (f"   {w['weight_mean']:>13.4f} {w['weight_std']:>7.4f} {w['weight_min']:>7.3f} "
+                     f"{w['weight_max']:>7.3f} {w['weight_ess']:>6.3f} {w.get('weight_clip_hi', 0):>6.3f} "
+                     f"{w.get('log_ratio_mean', float('nan')):>10.5f}")
+        elif w is not None:
+            line += "   (SFT: every weight is 1)"
+        print(line)
+    print(f"  ones% = share of sampled solutions using the less accurate column strategy (p_ref's teacher used it "
+          f"{100 * P_ONES:.0f}% of the time).\n  Weights: means over training steps of the recipe's logged "
+          "statistics. At temperature 1 they stay within a few % of 1 on these short answers (the log-ratio is "
+          "averaged over ~40 tokens),\n  hence also iwsft_t20 (weighting temperature 20).")
+    total = time.monotonic() - t0
+    print(f"  total {total:.1f} s", flush=True)
+    return {"pref": str(pref_dir), "pref_eval": pref_eval, "curate": cur, "results": results, "seconds": total}
 
-    print("\n[iwsft-demo] summary", flush=True)
-    print(f"  checkpoint (HF format): {ckpt}")
-    print(f"  training: {train_s:.1f} s, {len(log_rows)} logged steps on {nproc} process(es)")
-    if log_rows:
-        first, last = log_rows[0], log_rows[-1]
-        for key, what in (("nll", "NLL per token (unweighted)"),
-                          ("loss", "training loss (weighted NLL; = NLL for method=sft)")):
-            if key in first and key in last:
-                print(f"  {what}: step {int(first['step'])} {first[key]:.4f} -> step {int(last['step'])} "
-                      f"{last[key]:.4f}")
-        stats = {k: v for k, v in last.items() if k.startswith("weight_") or k.startswith("log_ratio")}
-        if stats:
-            print("  weights (last step): " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(stats.items())))
-            if stats.get("weight_clip_hi", 0.0) > 0.5:
-                print("  (most weights sit at clip_max: a random model moves several nats per token away from its "
-                      "start, so exp(mean log q/p_ref) is large; fine-tuning a pretrained model moves far less)")
-    print(f"  answer NLL per token, first 32 training rows, via transformers: {nll_before:.4f} (start model) -> "
-          f"{nll_after:.4f} (saved checkpoint)")
-    print(f"  prompt: {question!r}")
-    print(f"  greedy reply ({max_new_tokens} tokens max): {text!r}")
-    print(f"  total {time.monotonic() - t0:.1f} s", flush=True)
-    return {"assets": assets, "command": cmd, "checkpoint": str(ckpt), "train_seconds": train_s, "log": log_rows,
-            "nll_before": nll_before, "nll_after": nll_after, "question": question, "generation": text}
+
+def _run_quiet(cmd: List[str], log_path: Path, env: Dict[str, str], timeout: float) -> int:
+    """Runs ``cmd`` with its output in ``log_path`` (kills its whole process group after ``timeout`` s)."""
+    with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                      start_new_session=True) as proc:
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # torchrun's workers live in the session we created
+            proc.wait()
+            raise RuntimeError(f"training did not finish within {timeout:.0f} s; see {log_path}") from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="iwsft-demo", description="Offline CPU demo: tiny Qwen2 + iw-SFT with 2 processes, then generate.",
-        epilog="Extra key=value arguments are passed to `tune run` as config overrides (e.g. method=sft).")
+        prog="iwsft-demo", description="Offline CPU demo: one self-curation round (p_ref, curate, SFT vs iw-SFT, "
+                                       "held-out accuracy) on the tiny shipped model.",
+        epilog="Extra key=value arguments are passed to every `tune run` as config overrides (e.g. epochs=1).")
     parser.add_argument("--workdir", default="outputs/demo", help="scratch directory (default: %(default)s)")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (default: %(default)s)")
-    parser.add_argument("--config", default="tiny_cpu", help="registered config name or YAML path")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the tiny model and data")
-    parser.add_argument("--num-rows", type=int, default=DEMO_NUM_ROWS, help="rows of the tiny dataset")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for training")
+    parser.add_argument("--k", type=int, default=4, help="samples per training prompt")
+    parser.add_argument("--train-prompts", type=int, default=128)
+    parser.add_argument("--eval-prompts", type=int, default=100)
+    parser.add_argument("--eval-samples", type=int, default=2, help="sampled answers per held-out prompt")
+    parser.add_argument("--methods", default=",".join(DEMO_METHODS),
+                        help="comma-separated, from sft, iwsft, iwsft_t20, iwsft_token, placebo")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pref", default=None, help="another p_ref model dir (default: the shipped one)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per training run")
     args, extra = parser.parse_known_args(argv)
     bad = [a for a in extra if "=" not in a or a.startswith("-")]
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)}")
-    given = {a.split("=", 1)[0] for a in extra}
-    overrides = [o for o in DEMO_OVERRIDES if o.split("=", 1)[0] not in given] + extra
-    run_demo(args.workdir, nproc=args.nproc, config=args.config, overrides=overrides, seed=args.seed,
-             num_rows=args.num_rows, max_new_tokens=args.max_new_tokens, timeout=args.timeout)
+    run_demo(args.workdir, nproc=args.nproc, k=args.k, train_prompts=args.train_prompts,
+             eval_prompts=args.eval_prompts, eval_samples=args.eval_samples,
+             methods=[m for m in args.methods.split(",") if m], overrides=extra, seed=args.seed, pref=args.pref,
+             timeout=args.timeout)
     return 0
 
 

@@ -22,9 +22,9 @@ see the same curated rows in the same order, with the same steps and learning ra
 1. curate ``k`` samples per training prompt from the current model at temperature 1 with
    ``python -m iwsft.curate``'s code (exact per-token ``log p_ref``), verified with ``evals.scoring.score_aime``;
 2. fine-tune with the recipe (``configs/selfcurate_tiny.yaml``, ``reference.strategy: dataset``) under each
-   method: ``sft``; ``iwsft`` (sequence weights, temperature 1, clip 16: the authors'); ``iwsft_t5``
-   (weighting temperature :data:`HOT`); ``iwsft_token`` (per-token weights, clip [0.2, 1.8]); ``placebo``
-   (the ``iwsft_t5`` weights shuffled within each micro-batch: same weight distribution, no information);
+   method: ``sft``; ``iwsft`` (sequence weights, temperature 1, clip 16: the authors'); ``iwsft_t20``
+   (weighting temperature :data:`HOT` = 20); ``iwsft_token`` (per-token weights, clip [0.2, 1.8]); ``placebo``
+   (the ``iwsft_t20`` weights shuffled within each micro-batch: same weight distribution, no information);
 3. evaluate every resulting model on held-out prompts with the same checker: greedy accuracy and sampled accuracy
    (``--eval-samples`` per prompt at temperature 1).
 
@@ -58,17 +58,17 @@ from typing import Any, Dict, List, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "pref_addition"
 
-P_ONES = 0.6  # the teacher picks the column strategy this often
-FORGET_CARRY = 0.6  # ... and then forgets the carry in this share of the problems that have one
+P_ONES = 0.65  # the teacher picks the column strategy this often
+FORGET_CARRY = 0.8  # ... and then forgets the carry in this share of the problems that have one
 SPLIT_SLIP = 0.15  # the split strategy's final step is off by one this often
 SLIP = 0.05  # any worked step may slip by one (both strategies)
-HOT = 5.0  # the larger weighting temperature of the sweep
+HOT = 20.0  # the larger weighting temperature of the sweep (length-averaged log-ratios are small)
 
 METHODS: Dict[str, List[str]] = {
     "sft": ["method=sft"],
     "iwsft": ["method=iwsft", "weighting.level=sequence", "weighting.temperature=1.0", "weighting.clip_min=0.0",
               "weighting.clip_max=16.0"],
-    "iwsft_t5": ["method=iwsft", "weighting.level=sequence", f"weighting.temperature={HOT}",
+    "iwsft_t20": ["method=iwsft", "weighting.level=sequence", f"weighting.temperature={HOT}",
                  "weighting.clip_min=0.0", "weighting.clip_max=16.0"],
     "iwsft_token": ["method=iwsft", "weighting.level=token", "weighting.temperature=1.0", "weighting.clip_min=0.2",
                     "weighting.clip_max=1.8"],
@@ -228,7 +228,7 @@ def export_model(ckpt: Path, dest: Path) -> Path:
     return dest
 
 
-PRETRAIN = dict(rows=4000, epochs=4, batch_size=16, lr=3e-3, seed=0)
+PRETRAIN = dict(rows=8000, epochs=5, batch_size=16, lr=3e-3, seed=0)
 
 
 def pretrain(out: Path, rows: int = PRETRAIN["rows"], epochs: int = PRETRAIN["epochs"],
@@ -335,7 +335,7 @@ class StudyConfig:
 
     @classmethod
     def smoke(cls) -> "StudyConfig":
-        return cls(seeds=2, rounds=1, methods=("sft", "iwsft_t5", "placebo"), train_prompts=16, eval_prompts=12,
+        return cls(seeds=2, rounds=1, methods=("sft", "iwsft_t20", "placebo"), train_prompts=16, eval_prompts=12,
                    k=4, eval_samples=1, epochs=1, batch_size=8, label="smoke")
 
 
@@ -508,7 +508,7 @@ def report(out: Path, rows: List[Dict[str, Any]], sc: StudyConfig, seconds: floa
                f"{'significant' if b else 'not significant'}" for r, m, a, b in sig]
     lines += ["", "Accuracies in %, means over seeds; Δ = paired difference (same seed, same start model, same "
               "curated rows in round 1, same data order, steps and lr), mean and Student-t 95% interval over seeds; "
-              "* = the interval excludes 0. Placebo = the iwsft_t5 weights shuffled within each micro-batch.",
+              "* = the interval excludes 0. Placebo = the iwsft_t20 weights shuffled within each micro-batch.",
               "", "Significance at the 95% level: " + "; ".join(sig_txt) + "."]
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)

@@ -24,6 +24,7 @@ def run(args, tmp_path, ok=True):
     return p.stdout
 
 
+@pytest.mark.slow
 def test_all_algorithms_on_a_built_dataset(tmp_path):
     algos = "bc,filtered_bc,sft_q,iwsft,iwsft_q"
     out = run(["--env", "hopper", "--dataset", "medium-replay", "--dataset-steps", "3000", "--algos", algos, *TINY],
@@ -40,6 +41,8 @@ def test_all_algorithms_on_a_built_dataset(tmp_path):
             assert len(res["episode_weights"]) == res["train_episodes"]
             assert res["curve"][-1]["weight_ess"] > 0
     assert "last-score" in table and "2 evaluation episodes" in table
+    assert "Generated " in table and "mujoco " in table and "gymnasium " in table and "torch " in table
+    assert "Evaluated in `Hopper-v5`" in table and "reduction `episode`" in table
     assert (root / "curves.png").stat().st_size > 0 and (root / "weights.png").stat().st_size > 0
     assert "| algorithm |" in out
     # resumable: a second run trains nothing
@@ -83,6 +86,10 @@ def test_d4rl_file_through_the_script(tmp_path):
     run(["--d4rl-file", str(path), "--algos", "bc,iwsft", *TINY], tmp_path)
     res = json.loads((tmp_path / "out" / "hopper_random-v2" / "iwsft" / "seed0" / "result.json").read_text())
     assert res["dataset"]["episodes"] == 12 and res["train_episodes"] == 1  # top 10% of 12 episodes
+    assert res["eval_env"]["id"] == "Hopper-v4" and res["dataset"]["split_episodes"] == {"discontinuity": 0,
+                                                                                         "time_limit": 0}
+    assert set(res["versions"]) >= {"mujoco", "gymnasium", "torch"}
+    assert "Evaluated in `Hopper-v4`" in (tmp_path / "out" / "hopper_random-v2" / "table.md").read_text()
 
 
 def test_minari_id_through_the_script(tmp_path, monkeypatch):
@@ -99,3 +106,41 @@ def test_quick_demo(tmp_path):
     """The README's embedded default: builds a small dataset, trains BC, filtered BC and iw-SFT, prints the table."""
     out = run(["--quick"], tmp_path)
     assert "| bc | 1 |" in out and "| filtered_bc | 1 |" in out and "| iwsft | 1 |" in out
+    # learning curves: several evaluated points per algorithm, and loss / weight statistics for the panels
+    root = next((tmp_path / "out").iterdir())
+    for algo in ("bc", "filtered_bc", "iwsft"):
+        curve = json.loads((root / algo / "seed0" / "result.json").read_text())["curve"]
+        assert sum("score" in row for row in curve) >= 4 and all("loss" in row for row in curve)
+    assert all("weight_max" in row and "weight_ess" in row for row in
+               json.loads((root / "iwsft" / "seed0" / "result.json").read_text())["curve"])
+    assert (root / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_resume_retrains_runs_made_from_another_bc(tmp_path):
+    """Deleting bc/seed0 (as the refusal message advises) and training BC differently must not reuse the fine-tuned
+    runs made from the old BC policy (their initialisation and p_ref)."""
+    import shutil
+
+    import torch
+
+    from control.episodes import write_d4rl_hdf5
+    from control.train import state_hash
+    eps, _ = _random_hopper_episodes(20)
+    path = tmp_path / "hopper_random-v2.hdf5"
+    write_d4rl_hdf5(eps, path)
+    algos = "bc,iwsft"
+    run(["--d4rl-file", str(path), "--algos", algos, *TINY], tmp_path)
+    root = tmp_path / "out" / "hopper_random-v2"
+    old = {a: json.loads((root / a / "seed0" / "result.json").read_text())["init_hash"] for a in algos.split(",")[1:]}
+    assert old["iwsft"] == state_hash(torch.load(root / "bc" / "seed0" / "policy.pt"))
+    shutil.rmtree(root / "bc" / "seed0")
+    bc31 = [("31" if x == "30" else x) for x in TINY]  # --bc-steps 31: another BC policy
+    out3 = run(["--d4rl-file", str(path), "--algos", algos, *bc31], tmp_path)
+    new_hash = state_hash(torch.load(root / "bc" / "seed0" / "policy.pt"))
+    assert "made from another BC policy" in out3
+    for algo in algos.split(",")[1:]:
+        assert f"{algo} seed0: score" in out3
+        res = json.loads((root / algo / "seed0" / "result.json").read_text())
+        assert res["init_hash"] == new_hash != old[algo]
+

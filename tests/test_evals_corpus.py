@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from evals.scoring import verify
+from evals.scoring import pred_correct, verify
 
 CORPUS = Path(__file__).resolve().parent / "data" / "eval_corpus.jsonl"
 STATUSES = {"answered", "no_answer", "truncated"}
@@ -40,8 +40,8 @@ def test_corpus_shape():
     """The corpus the issue asks for: >= 120 outputs, >= 1/3 of them wrong, every kind of failure covered."""
     assert len(ROWS) >= 120
     assert len({r["id"] for r in ROWS}) == len(ROWS)
-    wrong = [r for r in ROWS if not r["correct"]]
-    assert len(wrong) >= len(ROWS) / 3
+    wrong_answers = [r for r in ROWS if not r["correct"] and r["status"] == "answered"]
+    assert len(wrong_answers) >= len(ROWS) / 3  # read, but wrong: mostly near-misses
     tags = Counter(t for r in ROWS for t in r["tags"])
     for needed in ("eot", "sentence", "minerva", "budget-forcing", "percent", "degrees", "units", "gpqa",
                    "ambiguous", "multi-box", "statement-after-box", "fallback", "r1", "long", "s1", "truncated",
@@ -63,6 +63,9 @@ def test_corpus_verdicts():
             false_pos.append(r["id"])
         if r["correct"] and not v.correct:
             false_neg.append(r["id"])
+        if v.parseable and pred_correct(r["kind"], v.pred, r["gold"]) != v.correct:
+            # maj@k re-scores the answer string read here: it must reach the same verdict
+            mismatches.append(f"{r['id']}: the answer read, {v.pred!r}, re-scores differently for maj@k")
     n = len(ROWS)
     by_status = Counter(r["status"] for r in ROWS)
     print(f"\neval corpus: {n} outputs ({sum(not r['correct'] for r in ROWS)} wrong or unread; "

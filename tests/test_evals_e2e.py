@@ -232,6 +232,7 @@ def test_runner_tiny_model_all_tasks_compare(tmp_path, data_dir, gpqa_file, tiny
 
     summaries = json.loads((out / "summaries.json").read_text())["checkpoints"]
     assert [s["label"] for s in summaries] == ["model", "epoch_0"]
+    truncated_total = 0
     for s in summaries:
         assert s["backend"] == "hf" and s["model_args"]["max_length"] == s["settings"]["max_model_len"]
         assert s["settings"]["max_model_len"] >= s["settings"]["longest_prompt_tokens"] + 4
@@ -241,9 +242,11 @@ def test_runner_tiny_model_all_tasks_compare(tmp_path, data_dir, gpqa_file, tiny
                 t = r["tasks"][key]
                 assert (t["n"], t["k"]) == (2, k)
                 assert 0.0 <= t["acc"] <= 1.0 and 0 <= t["unparseable"] <= 2 * k
-                # the random model's outputs all run to --max-gen-toks 4: the runner counts them as truncated
+                # unread outputs split by the generated token count: the random model mostly runs to
+                # --max-gen-toks 4 (truncated); one that emits its end-of-turn token first is no_answer
                 assert t["truncation_from"] == "tokens"
-                assert t["no_answer"] + t["truncated"] == t["unparseable"] and t["no_answer"] == 0
+                assert t["no_answer"] + t["truncated"] == t["unparseable"]
+                truncated_total += t["truncated"]
                 assert t["ci95"][0] <= t["acc"] <= t["ci95"][1]
             results = [f for f in r["files"] if Path(f).name.startswith("results_")]
             assert len(results) == 1
@@ -255,6 +258,7 @@ def test_runner_tiny_model_all_tasks_compare(tmp_path, data_dir, gpqa_file, tiny
             samples = [f for f in r["files"] if Path(f).name.startswith("samples_gpqa_diamond_iwsft")]
             lines = Path(samples[0]).read_text().splitlines()
             assert len(lines) == 2 and len(json.loads(lines[0])["resps"][0]) == k
+    assert truncated_total > 0
     # a finished output directory can stand in for a checkpoint in a later comparison
     _runner(["--checkpoint", str(out / "model"), "--compare", str(out / "epoch_0"), "--tasks", "aime24",
              "--output", str(tmp_path / "again")])

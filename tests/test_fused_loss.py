@@ -294,7 +294,6 @@ def test_fsdp2_two_processes_equal_gradients_and_one_gather_per_forward(tmp_path
                           text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(out.read_text())
-    print(res)
     for case in res.values():
         assert case["logp_rel_err"] < RTOL and case["grad_rel_err"] < RTOL, case
         assert case["n_params"] > 10
@@ -338,6 +337,7 @@ def test_recipe_two_processes_fused_equals_chunked(tiny_assets, tmp_path, config
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-5)  # after 3 AdamW steps
 
 
+@pytest.mark.slow
 def test_recipe_one_process_fused_precomputed_and_ema(tiny_assets, tmp_path):
     """1 process: the reference precompute pass and the EMA q forward use the fused head too."""
     a = _recipe_rows(tiny_assets, tmp_path / "chunked", "weighting.q=ema", "weighting.ema_decay=0.5", nproc=1)

@@ -1,0 +1,229 @@
+"""python -m iwsft.curate and reference.strategy: dataset.
+
+Oracles: hand-computed pass@k and a brute-force count over subsets; log-probs recomputed by a plain forward of the
+HF model (no KV cache, no padding) at the sampling temperature; the recipe's own ``precomputed`` reference (one
+forward of torchtune's model) against the recorded sampling log-probs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from iwsft import curate
+from iwsft.selfimprove import ASSET_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ no model needed
+def test_pass_at_k_matches_brute_force_over_subsets():
+    for n, c in [(4, 0), (4, 1), (5, 2), (6, 6), (8, 3)]:
+        outcomes = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            subsets = list(itertools.combinations(outcomes, k))
+            expect = sum(any(s) for s in subsets) / len(subsets)
+            assert curate.pass_at_k(n, c, k) == pytest.approx(expect)
+    assert curate.pass_at_k(8, 2, 1) == pytest.approx(2 / 8)
+
+
+def test_verify_counts_bad_outputs_and_verifiers_never_as_correct():
+    calls = []
+
+    def boom(output, answer):
+        calls.append(output)
+        raise RuntimeError("checker crashed")
+
+    assert curate.verify(boom, "   ", "7").reward == 0 and not calls  # empty: never reaches the verifier
+    chk = curate.verify(boom, "Answer: 7", "7")
+    assert chk.reward == 0 and "checker crashed" in chk.error
+    assert curate.verify(lambda o, a: "yes", "x", "7").error.startswith("TypeError")  # unusable return value
+    assert curate.verify(lambda o, a: 1.5, "x", "7").reward == 0
+    assert curate.verify(lambda o, a: True, "x", "7").reward == 1
+    assert curate.verify(lambda o, a: 0.25, "x", "7").reward == 0.25
+    math_v = curate.resolve_verifier("math")
+    from evals import scoring
+
+    assert math_v is scoring.score_math
+    assert curate.verify(math_v, "<|im_start|>answer\nAnswer: \\boxed{0.5}", "\\frac{1}{2}").reward == 1
+    assert curate.verify(curate.resolve_verifier("aime"), "Answer: 033", "33").reward == 1
+    with pytest.raises(ValueError, match="module:function"):
+        curate.resolve_verifier("nonsense")
+    with pytest.raises(ValueError, match="cannot be imported"):
+        curate.resolve_verifier("no_such_module_xyz:fn")
+
+
+def test_load_prompts_reports_missing_answers_and_bad_columns(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"q": "one", "a": "1"}, {"q": "two", "a": None}, {"q": "three", "a": ""}, {"q": "four", "a": 4.0}]))
+    ps = curate.load_prompts(f, question_column="q", answer_column="a")
+    assert [p.answer for p in ps] == ["1", None, None, "4"]
+    with pytest.raises(KeyError, match="'answer'"):
+        curate.load_prompts(f, question_column="q")
+    with pytest.raises(ValueError, match="greedy"):
+        curate.SamplingConfig(temperature=0.0)
+
+
+def test_partial_groups_from_a_killed_run_are_discarded(tmp_path):
+    f = tmp_path / "s.jsonl"
+    rows = [{"prompt_id": p, "sample_index": j} for p in ("a", "b") for j in range(3)]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"prompt_id": "c", "sample_index": 0}) + "\n"
+    f.write_text(text + '{"prompt_id": "c", "sam')  # killed in the middle of prompt c's group
+    kept, discarded = curate._read_complete_groups(f, 3)
+    assert [(r["prompt_id"], r["sample_index"]) for r in kept] == [(r["prompt_id"], r["sample_index"]) for r in rows]
+    assert discarded == 2
+
+
+# ------------------------------------------------------------------------------------------------ tiny model
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from iwsft.tiny import build_tiny_assets
+
+    return build_tiny_assets(tmp_path_factory.mktemp("curate") / "tiny")
+
+
+VERIFIER = textwrap.dedent('''
+    def check(output, answer):
+        if answer == "boom":
+            raise ValueError("cannot check this one")
+        return len(output) % 2 == 0
+''')
+
+
+def test_curate_end_to_end_logprobs_resume_and_bad_input(tiny, tmp_path, monkeypatch):
+    (tmp_path / "my_verifier.py").write_text(VERIFIER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "What is 2 + 3?", "answer": "5"}, {"question": "What is 4 + 4?", "answer": None},
+        {"question": "What is 7 - 1?", "answer": "boom"}, {"question": "What is 6 * 2?", "answer": "12"},
+        {"question": "What is 9 + 9?", "answer": "18"}]))
+    cfg = curate.SamplingConfig(k=3, temperature=0.7, max_new_tokens=6, batch_prompts=2, seed=3)
+    out = tmp_path / "cur"
+    ps = curate.load_prompts(prompts)
+    s = curate.curate(tiny["model_dir"], ps, out, cfg, verifier="my_verifier:check", progress=False)
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert s["prompts_without_answer"] == 1 and s["prompt_ids_without_answer"] == ["1"]
+    assert len(rows) == 4 * 3 and s["samples"] == 12
+    assert s["verifier_errors"] == 3 and all(r["reward"] == 0 for r in rows if r["prompt_id"] == "2")
+    assert s["accuracy"] == pytest.approx(sum(len(r["messages"][-1]["content"]) % 2 == 0
+                                              for r in rows if r["prompt_id"] != "2") / 12)
+    for r in rows:
+        assert len(r["response_token_ids"]) == len(r["response_logprobs"]) <= 6
+        assert r["messages"][-1]["role"] == "assistant" and r["messages"][1]["role"] == "user"
+    # independent oracle: a plain forward (no cache, no padding) at temperature 0.7 gives the recorded log-probs
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["model_dir"], dtype=torch.float32).eval()
+    for r in rows[:6]:
+        ids = torch.tensor([r["prompt_token_ids"] + r["response_token_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(r["prompt_token_ids"]) - 1:-1]
+        expect = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(r["response_token_ids"])[:, None])
+        assert torch.allclose(expect.squeeze(1), torch.tensor(r["response_logprobs"]), atol=1e-5)
+    # resume: a run killed in the middle of the last group continues there; nothing is duplicated
+    lines = (out / "samples.jsonl").read_text().splitlines(keepends=True)
+    (out / "samples.jsonl").write_text("".join(lines[:7]) + lines[7][:20])
+    s2 = curate.curate(tiny["model_dir"], ps, out, cfg, verifier="my_verifier:check", progress=False)
+    rows2 = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert s2["discarded_partial_rows"] == 2 and s2["new_samples"] == 6 and s2["resumed_rows"] == 6
+    assert sorted(r["uid"] for r in rows2) == sorted(r["uid"] for r in rows)
+    assert rows2[:6] == rows[:6]
+    with pytest.raises(ValueError, match="other settings"):
+        curate.curate(tiny["model_dir"], ps, out, curate.SamplingConfig(k=3, temperature=1.0, max_new_tokens=6),
+                      verifier="my_verifier:check", progress=False)
+
+
+def test_cli_runs_and_reports(tiny, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"problem": "What is 1 + 1?", "gold": 2}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "iwsft.curate", "--model", tiny["model_dir"], "--prompts",
+                           str(prompts), "--out", str(tmp_path / "o"), "-k", "2", "--max-new-tokens", "4",
+                           "--question-column", "problem", "--answer-column", "gold", "--verifier", "aime",
+                           "--backend", "transformers"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "samples/s" in proc.stdout and "pass@2" in proc.stdout
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["samples"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+def _tokenizer(model_dir):
+    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+
+    return qwen2_5_tokenizer(path=f"{model_dir}/vocab.json", merges_file=f"{model_dir}/merges.txt",
+                             special_tokens_path=f"{model_dir}/tokenizer.json", max_seq_len=512)
+
+
+@pytest.fixture(scope="module")
+def pref_samples(tmp_path_factory):
+    """Temperature-1 samples of the shipped tiny p_ref (it answers in the s1 format, so samples re-tokenize)."""
+    from iwsft.selfimprove import write_prompts
+
+    d = tmp_path_factory.mktemp("pref_samples")
+    write_prompts(d / "p.jsonl", 12, seed=3)
+    cfg = curate.SamplingConfig(k=2, temperature=1.0, max_new_tokens=48, batch_prompts=12, seed=0)
+    curate.curate(ASSET_DIR, curate.load_prompts(d / "p.jsonl"), d / "cur", cfg, verifier="aime", progress=False)
+    return d / "cur" / "samples.jsonl"
+
+
+def test_dataset_refuses_a_row_whose_tokenization_differs(pref_samples, tmp_path):
+    from iwsft.tune.datasets import curated_dataset
+
+    tok = _tokenizer(ASSET_DIR)
+    rows = [json.loads(x) for x in pref_samples.read_text().splitlines()]
+    rows = [r for r in rows if r["finish_reason"] == "stop" and r["roundtrip"]][:4]
+    assert len(rows) == 4
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = curated_dataset(tok, str(good), min_reward=None)
+    ref = ds.reference_log_probs()
+    assert len(ref) == 4 and torch.allclose(ref._data[2], torch.tensor(rows[2]["response_logprobs"]))
+    bad = [dict(r) for r in rows]
+    bad[2]["response_token_ids"] = list(bad[2]["response_token_ids"])
+    bad[2]["response_token_ids"][5] = (bad[2]["response_token_ids"][5] + 1) % 400
+    f = tmp_path / "bad.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    pos = len(bad[2]["prompt_token_ids"]) + 5
+    with pytest.raises(ValueError, match=rf"row 2: .* at position {pos} \(response token 5\)"):
+        curated_dataset(tok, str(f), min_reward=None)
+    ds = curated_dataset(tok, str(f), min_reward=None, on_mismatch="skip")
+    assert ds.num_mismatched == 1 and sorted(ds.sample_ids.tolist()) == [0, 1, 3]
+
+
+@pytest.mark.slow
+def test_dataset_reference_gives_the_weights_of_precomputed(pref_samples, tmp_path):
+    """Temperature 1: the recorded sampling log-probs are log p_ref, so weights match the precomputed pass."""
+    from test_recipe import read_metrics, run_env
+
+    def run(strategy, out):
+        cmd = [sys.executable, str(REPO / "recipes" / "iwsft_distributed.py"), "--config",
+               str(REPO / "configs" / "selfcurate_tiny.yaml"), f"checkpoint_dir={ASSET_DIR}",
+               f"dataset.data_files={pref_samples}", f"output_dir={out}", f"reference.strategy={strategy}",
+               "dataset.min_reward=null", "epochs=1", "max_steps_per_epoch=3", "batch_size=4", "optimizer.lr=3e-3"]
+        proc = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return read_metrics(out)
+
+    ds_log, pc_log = run("dataset", tmp_path / "ds"), run("precomputed", tmp_path / "pc")
+    assert len(ds_log) == len(pc_log) == 3
+    for a, b in zip(ds_log, pc_log):
+        for k in ("weight_mean", "weight_min", "weight_max", "log_ratio_mean", "loss"):
+            assert a[k] == pytest.approx(b[k], abs=1e-5), k
+    assert abs(ds_log[-1]["log_ratio_mean"]) > 1e-3  # the model moved: the weights are not trivially 1
+    # and per sample: the recipe's precomputed cache equals the recorded log-probs
+    from iwsft.tune.datasets import curated_dataset
+
+    cache = torch.load(tmp_path / "pc" / "reference_logprobs.pt", weights_only=True)
+    ds = curated_dataset(_tokenizer(ASSET_DIR), str(pref_samples), min_reward=None, on_mismatch="skip")
+    ref = ds.reference_log_probs()
+    offs = cache["offsets"].tolist()
+    for j, sid in enumerate(cache["ids"].tolist()):
+        assert torch.allclose(cache["values"][offs[j]:offs[j + 1]], ref._data[sid], atol=1e-5)
