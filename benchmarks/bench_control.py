@@ -84,7 +84,79 @@ def weight_dynamics(data, init, ref, steps: int, modes: dict, every: int = 25, s
     return out
 
 
-def plot_dynamics(res: dict, path: Path) -> None:
+def small_dynamics(seeds: int = 3, steps: int = 200, every: int = 10, B: int = 8, lr: float = 1e-3) -> dict:
+    """Whole-run weight dynamics at small scale (10 random episodes of 5-60 steps, p_ref fitted to them): the
+    authors' padded loop (naive_step, B episodes per step) vs our default / exact mode / stale weights.
+    Returns {name: {"rows": [{step, weight_max, weight_ess}] (seed means; max as the mean of log10)}}."""
+    from control.episodes import Episodes
+    from control.policy import GaussianPolicy
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 60, size=10)
+    N = int(lengths.sum())
+    obs = rng.normal(size=(N, 3)).astype(np.float32)
+    act = np.tanh(obs[:, :2] * rng.normal(size=(1, 2)) + 0.6 * rng.normal(size=(N, 2))).astype(np.float32)
+    data = Episodes(obs, act, rng.normal(size=N), np.concatenate([[0], np.cumsum(lengths)]), np.zeros(10, bool),
+                    env="hopper", source="tiny")
+    torch.manual_seed(0)
+    ref = GaussianPolicy(3, 2, 16, 2)
+    ref.set_obs_stats(obs)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        (-ref.log_prob(torch.as_tensor(obs), torch.as_tensor(act)).mean()).backward()
+        opt.step()
+    ref = ref.eval().requires_grad_(False)
+    all_eps = list(range(data.num_episodes))
+
+    def weights_all(q):
+        with torch.no_grad():
+            return torch.stack([torch.clamp(torch.exp(10 * (gaussian_logp(q, *ep).mean() - gaussian_logp(ref, *ep).mean())),
+                                            0, 1000) for ep in [(torch.as_tensor(data.observations[s:t]),
+                                                                 torch.as_tensor(data.actions[s:t]))
+                                                                for s, t in zip(data.offsets[:-1], data.offsets[1:])]])
+
+    def stats(w):
+        w = w.double()
+        return math.log10(w.max().item()), (w.sum() ** 2 / (len(w) * (w * w).sum())).item()
+
+    runs = {}
+    for seed in range(seeds):
+        r = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        policy, q = copy.deepcopy(ref).train().requires_grad_(True), copy.deepcopy(ref)
+        opt = torch.optim.Adam(policy.parameters(), lr=lr)
+        rows = []
+        for step in range(steps + 1):
+            if step % every == 0:
+                rows.append((step, *stats(weights_all(q))))
+            if step < steps:
+                naive_step(policy, q, ref, opt, data, r.integers(0, len(all_eps), size=B).tolist())
+        runs.setdefault("authors' loop (padded, B=8)", []).append(rows)
+        for name, kw in (("default (sampled, refresh 1)", {}), ("exact mode (B=8)", {"full_episodes": B}),
+                         ("sampled, refresh 10 (stale)", {"refresh_every": 10})):
+            cfg = TrainConfig(algo="iwsft", steps=steps, filter_fraction=1.0, lr=lr, warmup_steps=0, cosine=False,
+                              hidden=16, layers=2, eval_every=0, seed=seed, virtual_episodes=B, **kw)
+            tr = Trainer(cfg, data, init=copy.deepcopy(ref.state_dict()), ref=ref)
+            rows = []
+            for step in range(steps + 1):
+                if step % every == 0:
+                    st = tr.weight_summary()
+                    rows.append((step, math.log10(st["weight_max"]), st["weight_ess"]))
+                if step < steps:
+                    tr.train_step()
+            runs.setdefault(name, []).append(rows)
+    out = {}
+    for name, rs in runs.items():
+        a = np.array(rs).mean(0)
+        out[name] = {"rows": [{"step": int(x[0]), "weight_max": float(10 ** x[1]), "weight_ess": float(x[2])}
+                              for x in a]}
+        ref_rows = np.array(runs["authors' loop (padded, B=8)"]).mean(0)
+        out[name]["max_gap_log10_max"] = float(np.abs(a[:, 1] - ref_rows[:, 1]).max())
+        out[name]["max_gap_ess"] = float(np.abs(a[:, 2] - ref_rows[:, 2]).max())
+    return out
+
+
+def plot_dynamics(res: dict, path: Path, xlabel: str = "iw-SFT step (Hopper medium-replay, from BC)") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -96,7 +168,7 @@ def plot_dynamics(res: dict, path: Path) -> None:
     axes[0].set_yscale("log"), axes[1].set_yscale("log")
     axes[0].set_ylabel("max raw weight (clip 1000)"), axes[1].set_ylabel("ESS fraction (1 = uniform)")
     for a in axes:
-        a.set_xlabel("iw-SFT step (Hopper medium-replay, from BC)")
+        a.set_xlabel(xlabel)
         a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -120,9 +192,17 @@ def main(argv=None):
     p.add_argument("--full-run", action="store_true")
     p.add_argument("--dynamics", type=int, default=0, help="iw-SFT steps of the weight-dynamics comparison (0: skip)")
     p.add_argument("--dynamics-out", default="docs/control_weight_dynamics")
+    p.add_argument("--dynamics-small", action="store_true",
+                   help="whole-run weight dynamics at small scale vs the authors' padded loop (docs plot; ~1 min)")
     p.add_argument("--bc-steps", type=int, default=200, help="BC steps for p_ref (--dynamics: use 10000)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    if a.dynamics_small:
+        res = small_dynamics()
+        Path(a.dynamics_out + "_small.json").write_text(json.dumps(res, indent=1))
+        plot_dynamics(res, Path(a.dynamics_out + "_small.png"), xlabel="step (small data: 10 episodes, lr 1e-3)")
+        print(json.dumps({k: {x: v[x] for x in v if x != "rows"} for k, v in res.items()}, indent=1))
+        return
     data = load_minari(build("hopper", "medium-replay"))
     bc = Trainer(TrainConfig.bc(steps=a.bc_steps), data)  # a briefly trained BC policy is enough for timing
     for _ in range(a.bc_steps):

@@ -43,7 +43,6 @@ so the policy runs once per distinct step with the summed coefficient of its dra
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import time
 from dataclasses import asdict, dataclass

@@ -225,13 +225,17 @@ _CUE = re.compile(
 )
 # "If the question meant mass, the answer is (B)": a conditional sentence states no answer
 _CONDITIONAL = re.compile(r"(?i)\b(?:if|unless|suppose|supposing|assuming|had|were)\b")
+_CHECKING = re.compile(r"(?i)\b(?:check|checking|verify|verifying|confirm|confirming|test|testing|plug|plugging)\b"
+                       r"|\b(?:our|your|this|that|these|their)\s*\Z")
 _MINERVA_TAIL = re.compile(r"(?i)\.?\s*I\s+hope\s+(?:it|this)\s+is\s+correct.*", re.DOTALL)
 
 
 def _conditional(text: str, pos: int) -> bool:
-    """The sentence holding ``pos`` opens with a condition before it ("If ..., the answer would be (B)")."""
+    """The sentence holding ``pos`` opens with a condition before it ("If ..., the answer would be (B)"), or is
+    about checking an answer rather than giving one ("We may check our answer: ...")."""
     start = max(text.rfind("\n", 0, pos), *(text.rfind(p, 0, pos) for p in (". ", "! ", "? ")))
-    return bool(_CONDITIONAL.search(_mask_math(text[start + 1:pos])))
+    before = _mask_math(text[start + 1:pos])
+    return bool(_CONDITIONAL.search(before) or _CHECKING.search(before))
 
 
 def cue_statements(text: str) -> list[tuple[int, int, str]]:
@@ -275,12 +279,11 @@ def _mask_math(s: str) -> str:
     for start, end, _ in find_boxes(masked):
         for i in range(start, end):
             out[i] = "#"
-    # braces of other commands (\text{...}, \frac{..}{..}) are math too
     return "".join(out)
 
 
-_COPULA = re.compile(r"(?i)(?:\b(?:is|are|was|equals|equal\s+to|would\s+be|will\s+be|becomes|gives|yields|means)\b\s*:?"
-                     r"|=|\bto\s+be\b)")
+_COPULA = re.compile(r"(?i)(?:\b(?:is|are|was|equals|equal\s+to|would\s+be|will\s+be|becomes|gives|yields|means|"
+                     r"obtain|get|find|have|has)\b\s*(?:that\b)?\s*:?|=|\bto\s+be\b)")
 _CLAUSE = re.compile(r"(?i)(?:[.;!?](?=\s|$)|,?\s\b(?:when|where|for|since|because|as|if|which|with|given|so|but|"
                      r"and\s+(?:the|this|that|so|we|it)|assuming|provided|after|before|from|in\s+(?:the|this))\b"
                      r"|\s\((?=(?-i:[a-z])))")
@@ -297,7 +300,7 @@ def _strip_statement(s: str) -> str:
     return s.strip()
 
 
-_LEADING_VALUE = re.compile(r"(?:\$|\\\(|\\\[|\\\$|[-+]?\\(?:[A-Za-z]+|\{)|[-+]?[(\[]?[-+]?\.?\d|[A-Za-z](?:_\{?\w+\}?)?\s*=)")
+_LEADING_VALUE = re.compile(r"(?:−|\$|\\\(|\\\[|\\\$|[-+]?\\(?:[A-Za-z]+|\{)|[-+]?[(\[]?[-+]?\.?\d|[A-Za-z](?:_\{?\w+\}?)?\s*=)")
 # words that may stand between a copula and its value ("is exactly 5", "is then $x = 2$", "not 27 but 28")
 _FILLER = re.compile(r"(?i)\A(?:\s*(?:but|the|exactly|precisely|just|simply|equal\s+to|given\s+by|approximately|about|"
                      r"roughly|around|then|therefore|thus|now|indeed|actually|only|still|also|likely|probably|clearly|"
@@ -309,18 +312,22 @@ def leads_with_value(text: str) -> bool:
     number inside ("divisible by 7", "the 50 numbers") is never handed to math-verify's anywhere-in-text search."""
     t = text[_FILLER.match(text).end():]
     return bool(_LEADING_VALUE.match(t)) or is_math_only(t)
-_CONCLUSION = re.compile(r"(?i)\b(?:so|thus|therefore|hence|i\.e\.|that\s+is|which\s+means|this\s+means|meaning)\b,?")
+
+
+# words after which the value comes ("so the probability is 3/5", "which implies $x = 3/2$")
+_CONCLUSION = re.compile(r"(?i)\b(?:so|thus|therefore|hence|i\.e\.|that\s+is|which\s+means|this\s+means|meaning|"
+                         r"(?:which\s+)?(?:implies|gives|yields)(?:\s+that)?|(?:for\s+)?a\s+total\s+of|in\s+total)\b,?")
 
 
 def statement_value_text(s: str) -> str | None:
-    """The part of an answer statement that holds the value (rule 4 without the math-verify call).
+    """The part of an answer statement that holds the value (rule 5 of the module docstring, before math-verify).
 
     Drops Minerva's tail and negated values. A statement that starts with a value keeps it; otherwise the text
     after the last conclusion word (``so``, ``thus``, ``therefore`` ...) and then after the copula (``is``, ``are``,
     ``equals``, ``=``, outside math; the last one of a chain in one clause) is kept. Either is cut at the end of
     the sentence / the first clause word. None if a hedge (``or``, ``maybe``) joins values outside math.
     """
-    s = _NEGATED.sub("", _strip_statement(s)).lstrip(" \t:*_-")
+    s = _NEGATED.sub("", _strip_statement(s)).lstrip(" \t:*_")  # never strip "-": it is the sign of the value
     if not _LEADING_VALUE.match(s):
         masked = _mask_math(s)
         k = 0
@@ -373,7 +380,7 @@ def normalise_answer(s: str) -> str:
     t = t.strip().rstrip(".").strip()
     if t.startswith("$") and t.endswith("$"):
         t = t.strip("$").strip()
-    if re.fullmatch(r"[-+]?\d{1,3}(?:(?:\{,\}|,\\!|,)\d{3})+(?:\.\d+)?", t):
+    if re.fullmatch(r"[-+]?(?:[1-9]\d{0,2}|0)(?:(?:\{,\}|,\\!|,)\d{3})+(?:\.\d+)?", t) and not t.lstrip("-+").startswith("0"):
         t = re.sub(r"\{,\}|,\\!|,", "", t)
     return t
 
@@ -406,17 +413,22 @@ def parse_latex_answer(latex: str) -> tuple:
     return tuple(p for p in parsed if not isinstance(p, str)) and tuple(parsed)
 
 
+_UNITS = (r"(?:mm|cm|dm|m|km|in|inch|inches|ft|feet|yd|yards|mi|miles|g|kg|mg|lb|lbs|oz|s|sec|ms|min|h|hr|hrs|L|mL|"
+          r"ml|cc|units?|sq|cents?|dollars?|degrees?|deg|rad|radians?|mph|kph|km/h|m/s)\b")
+
+
 @lru_cache(maxsize=8192)
 def parse_statement(text: str) -> tuple:
     """math-verify extraction (LaTeX and plain expressions, anchors and all) over a statement's value text."""
     t = _PERCENT.sub("", text)
     t = _DEGREE.sub("", t)
-    unit = re.fullmatch(r"\s*([-+]?\d[\d,]*(?:\.\d+)?)\s+[A-Za-z]{1,3}(?:\^\{?[23]\}?)?\s*", t)
-    if unit:  # "12 cm^2": a number and a short unit
+    unit = re.fullmatch(r"\s*([-+]?\d[\d,]*(?:\.\d+)?)\s*" + _UNITS + r"(?:\^\{?[23]\}?)?\.?\s*", t)
+    if unit:  # "12 cm^2": a number and a unit (never "2 pi", "3 i": those are values)
         t = unit.group(1)
     if "$" not in t and "\\(" not in t and is_math_only(t):
-        # bare LaTeX ("3\\sqrt{2}", "x^2 + 1", "12 cm"): read it whole as math, not its first number
-        parsed = _mv().parse("$" + normalise_answer(t) + "$", _configs()[0], parsing_timeout=5)
+        # bare LaTeX ("3\\sqrt{2}", "x^2 + 1", "2 pi"): read it whole as math, not its first number
+        latex = re.sub(r"(?<![\\A-Za-z])pi(?![A-Za-z])", r"\\pi ", normalise_answer(t))
+        parsed = _mv().parse("$" + latex + "$", _configs()[0], parsing_timeout=5)
         if any(not isinstance(p, str) for p in parsed):
             return tuple(parsed)
     parsed = _mv().parse(t, _configs()[0], parsing_timeout=5)
@@ -456,12 +468,38 @@ def _box_reading(contents: list[str]) -> Reading | None:
 def _before_copula(body: str) -> str | None:
     """The statement up to its first copula outside math ("$31$ is the answer" -> "$31$")."""
     s = _NEGATED.sub("", _strip_statement(body))
+    k = 0
+    for c in _CONCLUSION.finditer(_mask_math(s)):
+        k = c.end()
+    s = s[k:]
     m = _COPULA.search(_mask_math(s))
     if not m or not s[:m.start()].strip():
         return None
     head = s[:m.start()].strip()
     # only a value on its own ("$31$ is the answer", "x = 5 is the solution"), never a number out of prose
-    return statement_value_text(head) if is_math_only(head) else None
+    return statement_value_text(head) if is_math_only(head) and re.search(r"[\d$\\]", head) else None
+
+
+def _leading_value(text: str) -> str:
+    """The value a statement leads with: cut at the first English word outside math ("5 apples and 3 oranges" ->
+    "5", "$84$ square units" -> "$84$"), so that math-verify's rightmost-match search cannot pick a later number.
+    A unit word right after a number is kept for :func:`parse_statement`; "and"/"or" between values are kept."""
+    masked = _mask_math(re.sub(r"\\[A-Za-z]+(?:\{[^{}]*\})?", lambda m: "#" * len(m.group(0)), text))
+    for m in re.finditer(r"(?<![A-Za-z])[A-Za-z]{2,}", masked):
+        if m.group(0).lower() in ("and", "or", "pi", "sqrt", "ln", "log", "sin", "cos", "tan", "mod"):
+            continue
+        if re.fullmatch(_UNITS, m.group(0)) and not text[m.end():].strip(" .,"):
+            break  # "15 feet": the unit ends the value
+        cut = text[:m.start()].rstrip(" ,;")
+        cut = re.sub(r"(?i)\s*\band\s*\Z", "", cut)
+        return cut if cut.strip() else text
+    return text
+
+
+# "so our answer is correct": a statement about the answer, not an answer
+_VERDICT_WORDS = re.compile(r"(?i)(?:not\s+|indeed\s+|thus\s+|also\s+)?(?:correct|right|wrong|incorrect|valid|invalid|"
+                            r"reasonable|plausible|consistent|confirmed|verified|checked|clear|obvious|unique|"
+                            r"as\s+follows|below|above|boxed|shown|given|the\s+same|same|unchanged|yes|no|true|false)\b")
 
 
 def _statement_reading(body: str, source: str = "statement") -> Reading | None:
@@ -474,13 +512,14 @@ def _statement_reading(body: str, source: str = "statement") -> Reading | None:
     for text in (value, _before_copula(body)):
         if not text or not leads_with_value(text):
             continue
-        text = text[_FILLER.match(text).end():]
+        text = _leading_value(text[_FILLER.match(text).end():])
         parsed = parse_statement(text)
         if parsed:
             return Reading(_written(parsed, text), parsed, source)
     words = value.strip().strip("$").strip()
     short = len(_strip_statement(body).split()) <= 5
-    if short and 0 < len(words.split()) <= 4 and re.fullmatch(r"[A-Za-z][A-Za-z \-']*", words):
+    if short and 0 < len(words.split()) <= 4 and re.fullmatch(r"[A-Za-z][A-Za-z \-']*", words) \
+            and not _VERDICT_WORDS.match(words) and not re.search(r"(?i)\banswer", words):
         # a short word answer ("Evelyn", "odd"): compared as \text{...} like math-verify does with text golds
         parsed = parse_latex_answer("\\text{" + words + "}")
         if parsed:
@@ -488,9 +527,10 @@ def _statement_reading(body: str, source: str = "statement") -> Reading | None:
     return None
 
 
-_CONCLUDES = re.compile(r"(?i)\b(?:so|thus|therefore|hence|finally|total|altogether|overall|result|answer|"
-                        r"is|are|equals|gives|get|obtain|becomes)\b|=")
+_CONCLUDES = re.compile(r"(?i)\b(?:so|thus|therefore|hence|finally|total|altogether|overall|result|answer|find|found|"
+                        r"have|has|implies|is|are|equals|gives|get|obtain|becomes)\b|=")
 _EXPLORES = re.compile(r"(?i)\b(?:let|let's|check|try|suppose|assume|assuming|if|wait|maybe|perhaps|might|could|"
+                       r"note|notice|recall|observe|remark|"
                        r"should|guess|hmm|verify|consider|compute|calculate)\b|\?")
 
 
@@ -513,8 +553,10 @@ def _final_statement(region: str) -> Reading | None:
     if not re.search(r"[.!)\]$]\s*\Z", last_line):
         return None  # no sentence end: the text stops mid-thought
     masked = _mask_math(last_line)
-    # the last sentence of the last line
+    # the last sentence of the last line; a full stop that closes a math span ("... = 0.\]Hence") ends one too
     ends = [e.end() for e in re.finditer(r"[.!?](?=\s+[A-Z])", masked)]
+    ends += [e.end() for e in re.finditer(r"[.!?]\s*(?:\$\$|\$|\\\]|\\\))\s*(?=[A-Z])", last_line)]
+    ends.sort()
     start = ends[-1] if ends else 0
     sentence, sentence_masked = last_line[start:].strip(), masked[start:]
     if not _CONCLUDES.search(sentence_masked) or _EXPLORES.search(sentence_masked):

@@ -117,10 +117,34 @@ def gold_parse(gold: str) -> tuple:
     return parse_latex_answer(str(gold).strip())
 
 
+def unsolved_equation(parsed: tuple) -> bool:
+    """The parse is an equation whose left side is an expression in one unknown other than the unknown itself
+    (``2x = 3``, ``x^2 = 9``): an equation still to be solved, not an answer. math-verify would compare its right
+    side with a plain gold (``2x = 3`` against ``3``); a grader would not. ``x = 5``, ``f(x) = x^2 + 1``,
+    ``m + n = 37`` and ``(17 + 45)/2 = 31`` are answers."""
+    import sympy
+
+    expr = next((p for p in parsed if not isinstance(p, str)), None)
+    if isinstance(expr, sympy.And) and expr.args:
+        expr = expr.args[0]
+    if not isinstance(expr, sympy.Eq):
+        return False
+    from sympy.core.function import AppliedUndef
+
+    lhs = expr.lhs
+    if isinstance(lhs, (sympy.Symbol, AppliedUndef, sympy.Indexed)):
+        return False  # "x = 5", "f(x) = x^2 + 1", "a_3 = 7": a name and its value
+    return len(getattr(lhs, "free_symbols", set())) == 1
+
+
 def parsed_equal(gold: str, pred_parsed: tuple) -> bool:
-    """math-verify equivalence of a gold string and a parsed prediction (gold first: the order matters there)."""
+    """math-verify equivalence of a gold string and a parsed prediction (gold first: the order matters there).
+
+    An unsolved equation (:func:`unsolved_equation`) matches only a gold that is an equation itself."""
     gold_p = gold_parse(gold)
     if not gold_p or not pred_parsed:
+        return False
+    if unsolved_equation(pred_parsed) and not unsolved_equation(gold_p) and "=" not in str(gold):
         return False
     return bool(_mv().verify(list(gold_p), list(pred_parsed), timeout_seconds=5))
 

@@ -312,7 +312,7 @@ class HFSampler:
         # scores, so they would stay exact either way; explicit settings make them the documented policy.)
         gc = GenerationConfig(
             do_sample=not greedy, temperature=1.0 if greedy else cfg.temperature,
-            top_p=1.0 if greedy else cfg.top_p, top_k=0, typical_p=1.0, min_p=None, repetition_penalty=1.0,
+            top_p=1.0 if greedy else cfg.top_p, top_k=None if greedy else 0, typical_p=1.0, min_p=None, repetition_penalty=1.0,
             no_repeat_ngram_size=0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_length=0, min_new_tokens=None,
             suppress_tokens=None, begin_suppress_tokens=None, bad_words_ids=None, max_new_tokens=cfg.max_new_tokens,
             num_return_sequences=n, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,

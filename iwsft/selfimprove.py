@@ -279,7 +279,7 @@ def evaluate(model_dir, prompts_file: Path, samples: int = 4, max_new_tokens: in
     prompts = load_prompts(prompts_file)
     sampler = sampler or HFSampler(model_dir)
     vfn = resolve_verifier("aime")
-    cfg = SamplingConfig(k=samples, temperature=1.0, max_new_tokens=max_new_tokens, batch_prompts=32, seed=seed)
+    cfg = SamplingConfig(k=max(samples, 1), temperature=1.0, max_new_tokens=max_new_tokens, batch_prompts=32, seed=seed)
     greedy = sampled = n_s = 0
     strategies = {"ones": 0, "split": 0, "other": 0}
     for start in range(0, len(prompts), cfg.batch_prompts):
@@ -441,6 +441,25 @@ def run_seed(args) -> List[Dict[str, Any]]:
     return results
 
 
+def collect(out: Path, sc: StudyConfig) -> List[Dict[str, Any]]:
+    """The result rows of every finished step under ``out`` (``DONE.json`` files), without running anything:
+    ``--report-only`` builds the table from a study that is still running or was stopped."""
+    rows: List[Dict[str, Any]] = []
+    for seed in range(sc.seeds):
+        base = Path(out) / f"seed{seed}"
+        r0 = _done(base / "round0" / "pref")
+        if r0:
+            rows += [{**r0, "method": m, "round": 0} for m in sc.methods]
+        for r in range(1, sc.rounds + 1):
+            for m in sc.methods:
+                res = _done(base / f"round{r}" / m)
+                cur = _done(base / "round1" / "curated") if r == 1 else _done(base / f"round{r}" / m / "curated")
+                if res:
+                    rows.append({**res, "round": r, "curated": {k: (cur or {}).get(k) for k in (
+                        "accuracy", f"pass@{sc.k}", "correct_samples", "curated_share_ones")}})
+    return rows
+
+
 def t_interval(xs: Sequence[float]) -> tuple:
     """Mean and Student-t 95% interval of the mean (``(mean, lo, hi)``; a single value has no interval)."""
     n = len(xs)
@@ -462,12 +481,13 @@ def report(out: Path, rows: List[Dict[str, Any]], sc: StudyConfig, seconds: floa
     lines = [f"Self-curation study ({sc.label} configuration), {time.strftime('%Y-%m-%d')}: {len(seeds)} paired "
              f"seeds, {sc.rounds} round(s), {sc.train_prompts} training prompts × k={sc.k} samples (temperature 1), "
              f"{sc.eval_prompts} held-out prompts (greedy, and {sc.eval_samples} samples each at temperature 1), "
-             f"{sc.epochs} epochs at lr {sc.lr}, batch {sc.batch_size}. Wall time {seconds / 60:.1f} min. "
+             f"{sc.epochs} epochs at lr {sc.lr}, batch {sc.batch_size}. "
+             + (f"Wall time {seconds / 60:.1f} min. " if math.isfinite(seconds) else "")
              + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
              "",
-             "| round | method | greedy acc | sampled acc | Δ greedy vs SFT [95% CI] | Δ sampled vs SFT [95% CI] | "
-             "curated rows | weight mean / std / max | ESS | clip hi |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| round | method | seeds | greedy acc | sampled acc | Δ greedy vs SFT [95% CI] | Δ sampled vs SFT [95% CI] "
+             "| ones % | curated rows | weight mean / std / max | ESS | clip hi |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     sig = []
 
     def cell(diffs):
@@ -502,13 +522,16 @@ def report(out: Path, rows: List[Dict[str, Any]], sc: StudyConfig, seconds: floa
                 ess, clip = f"{avg('weight_ess'):.3f}", f"{avg('weight_clip_hi'):.3f}"
             cur = [r.get("curated", {}).get("correct_samples") for r in rs if r.get("curated")]
             curtxt = f"{sum(cur) / len(cur):.0f}" if cur and None not in cur else "—"
-            lines.append(f"| {rnd} | {'p_ref' if rnd == 0 else m} | {100 * g:.1f} | {samp} | {dg} | {ds} | {curtxt} "
-                         f"| {wtxt} | {ess} | {clip} |")
+            ones = [r.get("share_ones") for r in rs if r.get("share_ones") is not None]
+            onetxt = f"{100 * sum(ones) / len(ones):.0f}" if ones else "—"
+            lines.append(f"| {rnd} | {'p_ref' if rnd == 0 else m} | {len(rs)} | {100 * g:.1f} | {samp} | {dg} | {ds} "
+                         f"| {onetxt} | {curtxt} | {wtxt} | {ess} | {clip} |")
     sig_txt = [f"round {r} {m}: greedy {'significant' if a else 'not significant'}, sampled "
                f"{'significant' if b else 'not significant'}" for r, m, a, b in sig]
     lines += ["", "Accuracies in %, means over seeds; Δ = paired difference (same seed, same start model, same "
               "curated rows in round 1, same data order, steps and lr), mean and Student-t 95% interval over seeds; "
-              "* = the interval excludes 0. Placebo = the iwsft_t20 weights shuffled within each micro-batch.",
+              "* = the interval excludes 0. Placebo = the iwsft_t20 weights shuffled within each micro-batch. "
+              "ones % = share of sampled held-out solutions that use the less accurate column strategy.",
               "", "Significance at the 95% level: " + "; ".join(sig_txt) + "."]
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
@@ -618,7 +641,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m iwsft.selfimprove", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd")
     p = sub.add_parser("pretrain", help="(re)build p_ref through the recipe")
-    p.add_argument("--out", default=str(ASSET_DIR.parent / "pref_build"))
+    p.add_argument("--out", default="runs/pref_build", help="build directory (default: %(default)s)")
     p.add_argument("--install", action="store_true", help=f"then copy the model to {ASSET_DIR} (the shipped asset)")
     ap.add_argument("--out", default="runs/selfimprove")
     ap.add_argument("--config", choices=("full", "reduced", "smoke"), default="full")
@@ -626,6 +649,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=2, help="seeds in parallel (one thread each)")
     ap.add_argument("--pref", default=None, help="p_ref model dir (default: the shipped asset, else pretrain)")
+    ap.add_argument("--report-only", action="store_true", help="table and plots from the finished steps only")
     a = ap.parse_args(argv)
     if a.cmd == "pretrain":
         model = pretrain(Path(a.out))
@@ -639,6 +663,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         sc.seeds = a.seeds
     if a.rounds:
         sc.rounds = a.rounds
+    if a.report_only:
+        rows = collect(Path(a.out), sc)
+        print(report(Path(a.out), rows, sc, float("nan"), _versions()))
+        return 0
     study(a.out, sc, jobs=a.jobs, pref=Path(a.pref) if a.pref else None)
     return 0
 

@@ -3,7 +3,10 @@
 #   tune run iwsft_distributed --config tiny_cpu checkpoint_dir=... dataset.data_files=... output_dir=...
 """Importance-weighted SFT (iw-SFT) and plain SFT, full or LoRA, on 1..N processes (CUDA/NCCL or CPU/gloo).
 
-The loss is ``L = -Σ_b Σ_t sg(w_b) · log p_θ(y_bt) / (label tokens in the global batch)`` with the per-sequence
+The loss is ``L = -(1/B) Σ_b sg(w_b) · mean_t log p_θ(y_bt)`` over the B sequences of the global batch with
+``loss.reduction: sequence`` (the authors' effective objective; the qwen configs) or
+``L = -Σ_b Σ_t sg(w_b) · log p_θ(y_bt) / (label tokens in the global batch)`` with ``loss.reduction: token``
+(torchtune's convention; the default of ``iwsft.ChunkedWeightedNLL`` and the tiny configs), with the per-sequence
 importance weight ``w_b = clip(exp(temperature · mean_t(log q − log p_ref)), clip_min, clip_max)``. ``q`` is the
 current model (the detached log-probs of the *same* training forward), ``p_ref`` the starting model. All the
 weight/loss math lives in ``iwsft`` (``iwsft.token_log_probs``, ``iwsft.importance_weights``,
@@ -56,10 +59,20 @@ Features (config key → what it does):
   the backward), so the ``[tokens, vocab]`` logits never exist; same values and gradients. Used by every
   log-prob pass (training, reference precompute, ``model``/``adapters_off`` reference, EMA ``q``).
   ``loss.fused_backend: cce`` selects the cut-cross-entropy CUDA kernel (optional package).
-- Exact gradient accumulation and data parallelism: each micro-batch backpropagates its weighted *sum*; at the
-  optimizer step the label-token count is all-reduced and gradients are scaled by ``world_size / num_tokens``
-  (the world-size factor undoes FSDP2's gradient averaging), as torchtune does. ``gradient_accumulation_steps``,
+- Exact gradient accumulation and data parallelism: each micro-batch backpropagates its weighted *sum* (of token
+  terms, or of per-sequence means with ``loss.reduction: sequence``); at the optimizer step the denominator (label
+  tokens, or sequences) is all-reduced and gradients are scaled by ``world_size / denominator`` (the world-size
+  factor undoes FSDP2's gradient averaging), as torchtune does. ``gradient_accumulation_steps``,
   ``clip_grad_norm``.
+- Never trains on nothing or on NaN: before every optimizer step one all-reduce carries the loss sums and the
+  non-finite flags of every rank (importance weights, model log-probs, loss, gradient shards; the clipped grad norm
+  is global already). A global step with no label token is skipped and counted (not logged as a loss of 0); a
+  non-finite one stops the run (``RuntimeError``: step, sample ids, likely key; no checkpoint after it) unless
+  ``skip_nonfinite_steps: N`` allows skipping (and counting) up to N of them. ``weighting.clip_max: null`` is
+  refused unless ``weighting.normalize: true`` (unclipped weights overflow). ``output_dir/run_summary.json``
+  counts the rows (per cause) and steps not trained on.
+- ``output_dir`` is locked (``iwsft_run.lock``, ``flock`` by rank 0, names host and pid) for the run's lifetime;
+  a second run into it stops at start-up; the stale lock of a dead process is taken over with a warning.
 - ``optimizer``, ``lr_scheduler`` (any torchtune/torch component); ``warmup_ratio`` (optional) overrides the
   scheduler's ``num_warmup_steps`` with ``ceil(warmup_ratio × total optimizer steps)``.
 - Data: ``dataset`` (one dataset component whose samples carry ``sample_id``, e.g.
@@ -77,10 +90,14 @@ Features (config key → what it does):
   ``recipe_state/recipe_state.pt`` (optimizer, seed, epochs run, max_steps_per_epoch). Never half a checkpoint:
   ``epoch_N/CHECKPOINT_COMPLETE`` is removed before and written after all of that epoch's files (fsynced), and
   ``recipe_state.pt`` is replaced atomically after that marker, so it only ever names a complete epoch; an
-  ``epoch_N/`` without the marker is the remains of an interrupted save.
+  ``epoch_N/`` without the marker is the remains of an interrupted save. The marker records each file's size and
+  sha256. LoRA (Qwen2): the PEFT adapter is rewritten without the Llama RoPE permutation torchtune applies to q/k
+  ``lora_B``, so base + adapter in PEFT equals the merged ``epoch_N/``.
 - ``resume_from_checkpoint: true``: continues from the last intermediate epoch in ``output_dir`` (weights or
   adapter of that epoch, optimizer, lr schedule, sampler epoch, reference cache) so the loss curve continues;
-  it refuses an epoch directory without ``CHECKPOINT_COMPLETE``. Resuming is at epoch granularity.
+  it refuses an epoch directory without ``CHECKPOINT_COMPLETE``, a file whose size or sha256 differs from the
+  marker, and an unreadable ``recipe_state.pt`` or reference cache (naming the file). A fresh run recomputes an
+  unreadable reference cache with a warning. Resuming is at epoch granularity.
 - ``compile``: ``torch.compile`` of the model's layers. ``seed``, ``max_steps_per_epoch``, ``epochs``, ``dtype``
   (``bf16`` | ``fp32``).
 
@@ -326,7 +343,7 @@ class OutputDirLock:
 
 
 def _sha256(path: Path, chunk: int = 1 << 24) -> str:
-    """Streamed sha256 of a file (hardware-accelerated in OpenSSL: roughly 1-2 GB/s per core)."""
+    """Streamed sha256 of a file (OpenSSL; 0.4-2 GB/s per core depending on the CPU and its load)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
@@ -334,6 +351,14 @@ def _sha256(path: Path, chunk: int = 1 << 24) -> str:
             if not block:
                 return h.hexdigest()
             h.update(block)
+
+
+def _sha256_many(paths: List[Path]) -> Dict[Path, str]:
+    """sha256 of several files in parallel threads (hashlib releases the GIL): a 65 GB checkpoint is many shards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1, 16))) as pool:
+        return dict(zip(paths, pool.map(_sha256, paths)))
 
 
 def verify_checkpoint_files(epoch_dir: Path) -> None:
@@ -351,6 +376,7 @@ def verify_checkpoint_files(epoch_dir: Path) -> None:
                            ) from None
     fix = ("The file was damaged after the save (overwritten, truncated, disk error): restore it from a copy, or "
            "start afresh with resume_from_checkpoint=false and a new output_dir.")
+    expected = {}
     for name, rec in sorted(files.items()):
         path = epoch_dir / name
         size, digest = (rec, None) if isinstance(rec, int) else (rec.get("size"), rec.get("sha256"))
@@ -358,7 +384,11 @@ def verify_checkpoint_files(epoch_dir: Path) -> None:
             raise RuntimeError(f"checkpoint file {path} listed in {marker_path} is missing. {fix}")
         if path.stat().st_size != size:
             raise RuntimeError(f"checkpoint file {path} has {path.stat().st_size} bytes but {size} were saved. {fix}")
-        if digest is not None and _sha256(path) != digest:
+        if digest is not None:
+            expected[path] = digest
+    actual = _sha256_many(list(expected))
+    for path, digest in expected.items():
+        if actual[path] != digest:
             raise RuntimeError(f"checkpoint file {path} does not match the sha256 recorded when it was saved. {fix}")
 
 
@@ -1051,8 +1081,9 @@ class IWSFTRecipeDistributed:
             for f in files:
                 _fsync(f)
             # size + sha256 of every file: resume refuses a file changed after the save (verify_checkpoint_files)
+            digests = _sha256_many(files)
             marker = {"epoch": epoch, "global_step": self.global_step, "intermediate": intermediate,
-                      "files": {str(f.relative_to(epoch_dir)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+                      "files": {str(f.relative_to(epoch_dir)): {"size": f.stat().st_size, "sha256": digests[f]}
                                 for f in files}}
             _atomic_write(epoch_dir / COMPLETE_MARKER, lambda tmp: tmp.write_text(json.dumps(marker, indent=1)))
             if intermediate:

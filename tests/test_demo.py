@@ -1,6 +1,7 @@
-"""The README's first command: the offline CPU demo (tiny assets, 2-process iw-SFT, transformers load + generate)."""
+"""The README's first command: one self-curation round (shipped p_ref, curate, SFT vs iw-SFT via `tune run`, eval)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -44,23 +45,28 @@ def test_tune_command_registers_recipe():
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path, capsys):
-    out = demo.run_demo(tmp_path / "w", num_rows=32, overrides=("epochs=2", "max_steps_per_epoch=4"),
-                        max_new_tokens=8, timeout=600)
+def test_demo_one_self_curation_round_end_to_end(tmp_path, capsys):
+    out = demo.run_demo(tmp_path / "w", k=2, train_prompts=16, eval_prompts=6, eval_samples=1,
+                        methods=("sft", "iwsft"), overrides=("epochs=1",), timeout=600)
     text = capsys.readouterr().out
-    assert "[iwsft-demo] summary" in text and "weight_mean" in text
-    ckpt = tmp_path / "w" / "run" / "epoch_1"
-    assert out["checkpoint"] == str(ckpt) and (ckpt / "config.json").is_file()
-    assert json.loads((ckpt / "config.json").read_text())["model_type"] == "qwen2"
-    steps = [int(r["step"]) for r in out["log"]]
-    assert steps == list(range(1, 9))  # 2 epochs x 4 steps, one log row each
-    assert all("loss" in r and "weight_mean" in r for r in out["log"])
-    # the model actually trained: the saved checkpoint fits the training answers better than the start model
-    assert out["nll_after"] < out["nll_before"] - 0.1
-    assert isinstance(out["generation"], str) and out["generation"]
-    # a second run with other data settings rebuilds the assets and replaces its own run directory
-    again = demo.run_demo(tmp_path / "w", num_rows=16, overrides=("epochs=1", "max_steps_per_epoch=1"),
-                          max_new_tokens=2, timeout=600)
-    assert again["checkpoint"].endswith("epoch_0") and not ckpt.exists()
-    with open(again["assets"]["data"]) as f:
-        assert len(f.read().splitlines()) == 16
+    assert "[iwsft-demo] summary" in text and "p_ref" in text and "(SFT: every weight is 1)" in text
+    assert out["curate"]["samples"] == 32 and out["curate"]["correct_samples"] > 0
+    for m in ("sft", "iwsft"):
+        ckpt = Path(out["results"][m]["checkpoint"])
+        assert json.loads((ckpt / "config.json").read_text())["model_type"] == "qwen2"
+        assert 0.0 <= out["results"][m]["eval"]["greedy_acc"] <= 1.0
+    sft_log, iw_log = out["results"]["sft"]["log"], out["results"]["iwsft"]["log"]
+    assert sft_log and all("weight_mean" not in r for r in sft_log)
+    assert iw_log and all("weight_mean" in r for r in iw_log)
+    # step 1: q is p_ref itself and log p_ref is what the sampler recorded (2 processes, through `tune run`)
+    assert abs(iw_log[0]["log_ratio_mean"]) < 1e-5
+    # identical data order, steps and lr: SFT and iw-SFT see the same batches, so their unweighted NLL agrees at
+    # step 1 (same start model) and they train the same number of steps
+    assert iw_log[0]["nll"] == pytest.approx(sft_log[0]["nll"], rel=1e-5) and len(iw_log) == len(sft_log)
+    # a second run replaces its own run directory; a foreign one is refused
+    demo.run_demo(tmp_path / "w", k=1, train_prompts=8, eval_prompts=2, eval_samples=0, methods=("sft",),
+                  overrides=("epochs=1",), timeout=600)
+    assert not (tmp_path / "w" / "runs" / "iwsft").exists()
+    (tmp_path / "x" / "runs").mkdir(parents=True)
+    with pytest.raises(FileExistsError):
+        demo.run_demo(tmp_path / "x", methods=("sft",))

@@ -98,3 +98,76 @@ def test_unfinished_think_read_only_when_the_model_stopped():
 def test_verify_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind must be one of aime, math, gpqa"):
         verify("mmlu", "\\boxed{A}", "A")
+
+
+# ------------------------------------------------------------------------------------ MATH500 reference solutions
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def math500() -> list[dict]:
+    path = DATA / "math500.jsonl"
+    if not path.is_file():
+        pytest.fail(f"evaluation data missing: expected {path} (the shared data directory beside the repository)",
+                    pytrace=False)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _unbox(text: str) -> str:
+    """The text with every \\boxed{X} replaced by X (written here with its own brace matching)."""
+    out, i = [], 0
+    while True:
+        j = text.find("\\boxed{", i)
+        if j < 0:
+            return "".join(out) + text[i:]
+        out.append(text[i:j])
+        depth, k = 0, j + len("\\boxed")
+        while k < len(text):
+            depth += {"{": 1, "}": -1}.get(text[k], 0)
+            if depth == 0:
+                break
+            k += 1
+        out.append(text[j + len("\\boxed{"):k])
+        i = k + 1
+
+
+@pytest.mark.slow
+def test_math500_reference_solutions(math500):
+    """The 500 human-written MATH500 solutions (the dataset's, independent of this code) read as correct against
+    their own answer, and none of every 2nd one reads as correct against another problem's answer (a
+    false-positive probe; pairs whose answers are equivalent are skipped). ~10 s of CPU."""
+    from evals.scoring import math_equal
+
+    wrong = [r["id"] for r in math500 if not verify("math", r["solution"], r["answer"]).correct]
+    assert not wrong, f"reference solutions scored wrong: {wrong[:10]}"
+    n = len(math500)
+    false_pos = []
+    for i, r in list(enumerate(math500))[::2]:
+        other = math500[(i + 7) % n]["answer"]
+        if math_equal(r["answer"], other):
+            continue
+        if verify("math", r["solution"], other).correct:
+            false_pos.append(r["id"])
+        # without its boxes the solution ends in prose: the fallback may read it or not, but never wrongly
+        if verify("math", _unbox(r["solution"]), other).correct:
+            false_pos.append(r["id"] + " (unboxed)")
+    assert not false_pos, f"false positives: {false_pos[:10]}"
+
+
+def test_math500_solutions_in_model_shapes(math500):
+    """Every 4th solution rewritten into the shapes models produce, with the verdict that shape must get: s1
+    think/answer with an ``Answer:`` line, Minerva's unboxed solution plus its ``Final Answer`` sentence, an R1
+    trace cut off halfway (truncated, never read), and a turn that runs on into a user turn with another answer."""
+    for r in math500[::4]:
+        sol, gold = r["solution"], r["answer"]
+        s1 = f"<|im_start|>think\n{_unbox(sol)}\n<|im_start|>answer\nAnswer: ${gold}$"
+        assert verify("math", s1, gold).correct, r["id"]
+        minerva = _unbox(sol).rstrip() + f"\nFinal Answer: The final answer is ${gold}$. I hope it is correct."
+        assert verify("math", minerva, gold).correct, r["id"]
+        cut = "<think>\n" + sol[: len(sol) // 2]
+        v = verify("math", cut, gold)
+        assert (v.correct, v.status) == (False, "truncated"), r["id"]
+        runs_on = sol + "<|im_end|>\n<|im_start|>user\nAnd the answer to the next one?<|im_end|>\n" \
+            "<|im_start|>assistant\n\\boxed{0.123456}"
+        assert verify("math", runs_on, gold).correct, r["id"]
