@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_control.py                 # speed (needs the medium-replay dataset)
     OMP_NUM_THREADS=1 python benchmarks/bench_control.py --full-run      # also time BC (10k) + iw-SFT (2k) end to end
     OMP_NUM_THREADS=1 python benchmarks/bench_control.py --dynamics 2000 # weight max / ESS: default vs exact mode
+    OMP_NUM_THREADS=1 python benchmarks/bench_control.py --dynamics-small # the same at small scale vs the authors' loop
+    OMP_NUM_THREADS=1 python benchmarks/bench_control.py --step-cost     # CPU time per step of each algorithm
 
 Speed: one iw-SFT gradient step three ways on Hopper medium-replay, all from the same BC init and p_ref:
   naive   the authors' layout: B whole episodes padded to the longest, policy/q/p_ref forwards on [B, T], their
@@ -175,6 +177,27 @@ def plot_dynamics(res: dict, path: Path, xlabel: str = "iw-SFT step (Hopper medi
     plt.close(fig)
 
 
+def step_cost(data) -> dict:
+    """CPU seconds per gradient step (time.process_time, so less sensitive to other jobs) of each algorithm's default
+    and of the exact mode, from a BC policy trained 50 steps (the cost does not depend on the weights' values)."""
+    bc = Trainer(TrainConfig.bc(steps=50), data)
+    for _ in range(50):
+        bc.train_step()
+    init, ref = bc.policy.state_dict(), copy.deepcopy(bc.policy).eval().requires_grad_(False)
+    out = {}
+    for name, kw, n in (("bc", None, 100), ("filtered_bc", {"algo": "filtered_bc"}, 100), ("iwsft", {}, 30),
+                        ("iwsft_q", {"algo": "iwsft_q"}, 30), ("iwsft exact 256", {"full_episodes": 256}, 4)):
+        tr = Trainer(TrainConfig.bc(), data) if kw is None else \
+            Trainer(TrainConfig(**{"algo": "iwsft", **kw}), data, init=copy.deepcopy(init), ref=ref)
+        tr.train_step()
+        c0 = time.process_time()
+        for _ in range(n):
+            tr.train_step()
+        out[name] = {"cpu_ms_per_step": 1000 * (time.process_time() - c0) / n, "train_episodes": tr.data.num_episodes,
+                     "train_steps": tr.data.num_steps}
+    return out
+
+
 def timed(fn, n):
     fn()  # warm-up
     t0 = time.perf_counter()
@@ -192,6 +215,7 @@ def main(argv=None):
     p.add_argument("--full-run", action="store_true")
     p.add_argument("--dynamics", type=int, default=0, help="iw-SFT steps of the weight-dynamics comparison (0: skip)")
     p.add_argument("--dynamics-out", default="docs/control_weight_dynamics")
+    p.add_argument("--step-cost", action="store_true", help="CPU time per step of each algorithm's default")
     p.add_argument("--dynamics-small", action="store_true",
                    help="whole-run weight dynamics at small scale vs the authors' padded loop (docs plot; ~1 min)")
     p.add_argument("--bc-steps", type=int, default=200, help="BC steps for p_ref (--dynamics: use 10000)")
@@ -204,6 +228,9 @@ def main(argv=None):
         print(json.dumps({k: {x: v[x] for x in v if x != "rows"} for k, v in res.items()}, indent=1))
         return
     data = load_minari(build("hopper", "medium-replay"))
+    if a.step_cost:
+        print(json.dumps(step_cost(data), indent=1))
+        return
     bc = Trainer(TrainConfig.bc(steps=a.bc_steps), data)  # a briefly trained BC policy is enough for timing
     for _ in range(a.bc_steps):
         bc.train_step()

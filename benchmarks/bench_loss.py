@@ -12,12 +12,14 @@ loss and backpropagate into both (the projection and the log-softmax are part of
 - ``fused_cce``  (``--device cuda`` only, when ``cut-cross-entropy`` is installed): the same with
   ``fused_backend="cce"``.
 
-Time: median of ``--repeats`` forward+backward passes, variants alternating in one process.
+Time: median of ``--repeats`` forward+backward passes, variants alternating in one process; on CPU both wall time
+and process CPU time (one thread; the ratios use CPU time, which other jobs on a shared machine disturb far less).
 Memory (CPU): each variant runs once more in a fresh interpreter (``--measure``) and reports
 (1) the peak of torch's tensor allocations during the pass, from ``torch.profiler`` (``profile_memory=True``):
 the CPU allocator reports every allocation and free with its running "Total Allocated", counted from the start of
 the pass (inputs already built), so transients inside the pass are included; and (2) the peak RSS growth
-(``getrusage`` max RSS after the pass minus RSS before it; Linux), which also sees allocator/page effects.
+(Linux: the peak RSS ``VmHWM`` is reset through ``/proc/self/clear_refs`` just before the pass; peak minus RSS
+before), which also sees memory outside torch's allocator (BLAS buffers) and allocator/page effects.
 Memory (CUDA): ``torch.cuda.max_memory_allocated`` during the pass minus the allocation before it.
 The script also checks that the three losses and gradient checksums agree (fp32: ≤ 1e-5 relative).
 
@@ -32,7 +34,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -62,7 +63,9 @@ def _leaves(hidden, weight):
     return hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
 
 
-def _checksums(h, w, loss):
+def _checksums(result):
+    """(loss, |grad h|_1, |grad W|_1) in float64, computed after the measured pass (it allocates copies)."""
+    h, w, loss = result
     return [float(loss.detach()), float(h.grad.double().abs().sum()), float(w.grad.double().abs().sum())]
 
 
@@ -80,7 +83,7 @@ def run_torchtune(inputs, args, tt_loss):
     loss = tt_loss(logits, labels)
     del logits
     loss.backward()
-    return _checksums(h, w, loss)
+    return h, w, loss.detach()
 
 
 def run_iwsft(inputs, args, tt_loss):
@@ -91,7 +94,7 @@ def run_iwsft(inputs, args, tt_loss):
     del logits
     loss = _iw_loss(token_logp, labels, logp_ref)
     loss.backward()
-    return _checksums(h, w, loss)
+    return h, w, loss.detach()
 
 
 def run_fused(inputs, args, tt_loss, backend="torch"):
@@ -100,7 +103,7 @@ def run_fused(inputs, args, tt_loss, backend="torch"):
     token_logp = iwsft.fused_token_log_probs(h, w, labels, chunk_size=args.fused_chunk, backend=backend)
     loss = _iw_loss(token_logp, labels, logp_ref)
     loss.backward()
-    return _checksums(h, w, loss)
+    return h, w, loss.detach()
 
 
 def run_fused_cce(inputs, args, tt_loss):
@@ -115,9 +118,18 @@ def _sync(args):
         torch.cuda.synchronize()
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to /proc/self/clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _tensor_peak_from_profiler(prof) -> int:
@@ -147,10 +159,11 @@ def measure_memory_here(args, variant, tt_loss) -> dict:
         return {"tensor_peak": torch.cuda.max_memory_allocated() - base, "rss_growth": None}
     from torch.profiler import ProfilerActivity, profile
 
-    before = _rss_bytes()
+    _reset_peak_rss()
+    before = _status_kib("VmRSS")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn(inputs, args, tt_loss)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    rss = (_status_kib("VmHWM") - before) * 1024
     return {"tensor_peak": _tensor_peak_from_profiler(prof), "rss_growth": rss}
 
 
@@ -207,15 +220,19 @@ def main(argv=None):
     inputs = make_inputs(args)
 
     times = {k: [] for k in variants}
+    cpu_times = {k: [] for k in variants}
     sums = {}
     for r in range(args.repeats):
         order = variants if r % 2 == 0 else variants[::-1]
         for name in order:
             _sync(args)
-            t0 = time.perf_counter()
-            sums[name] = RUNNERS[name](inputs, args, tt_loss)
+            t0, c0 = time.perf_counter(), time.process_time()
+            result = RUNNERS[name](inputs, args, tt_loss)
             _sync(args)
             times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
+            sums[name] = _checksums(result)
+            del result
     del inputs
     mem = {name: measure_memory(args, name, tt_loss) for name in variants}
 
@@ -231,6 +248,9 @@ def main(argv=None):
         assert rel <= tol, f"{name} disagrees with iwsft: rel {rel:.2e} (loss, |grad h|, |grad W|)"
 
     med = {k: statistics.median(v) for k, v in times.items()}
+    # CPU: process CPU time (one thread) is what the targets use; wall time moves with other jobs on the machine.
+    cpu_med = {k: statistics.median(v) for k, v in cpu_times.items()}
+    tmed = med if args.device == "cuda" else cpu_med
     n_label = int(args.batch * (args.seq - int(args.seq * args.prompt_frac)))
     head = (f"B={args.batch} T={args.seq} (label tokens {n_label}) V={args.vocab} d={args.dim} "
             f"{args.dtype} {args.device} chunks={args.chunks} fused_chunk={args.fused_chunk} "
@@ -238,10 +258,11 @@ def main(argv=None):
     print(head)
     print(f"torch {torch.__version__}, python {platform.python_version()}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"{'variant':<12}{'fwd+bwd s (median)':>20}{'peak tensors MiB':>18}{'peak RSS growth MiB':>21}")
+    print(f"{'variant':<12}{'fwd+bwd wall s':>16}{'fwd+bwd CPU s':>15}{'peak tensors MiB':>18}"
+          f"{'peak RSS growth MiB':>21}")
     for k in variants:
         rss = mem[k]["rss_growth"]
-        print(f"{k:<12}{med[k]:>20.2f}{mem[k]['tensor_peak'] / 2 ** 20:>18.1f}"
+        print(f"{k:<12}{med[k]:>16.2f}{cpu_med[k]:>15.2f}{mem[k]['tensor_peak'] / 2 ** 20:>18.1f}"
               f"{(rss / 2 ** 20 if rss is not None else float('nan')):>21.1f}")
     base = "torchtune"
     ratios = {}
@@ -249,18 +270,19 @@ def main(argv=None):
         for k in variants:
             if k == base:
                 continue
-            ratios[k] = {"time": med[k] / med[base],
+            ratios[k] = {"time": tmed[k] / tmed[base], "wall_time": med[k] / med[base],
                          "tensor_peak": mem[k]["tensor_peak"] / max(mem[base]["tensor_peak"], 1)}
             if mem[k]["rss_growth"] is not None:
                 ratios[k]["rss_growth"] = mem[k]["rss_growth"] / max(mem[base]["rss_growth"], 1)
             extra = f", RSS growth {ratios[k]['rss_growth']:.3f}x" if "rss_growth" in ratios[k] else ""
-            print(f"ratio {k}/torchtune: time {ratios[k]['time']:.3f}x, peak tensors "
+            print(f"ratio {k}/torchtune: time ({'wall' if args.device == 'cuda' else 'CPU'}) "
+                  f"{ratios[k]['time']:.3f}x (wall {ratios[k]['wall_time']:.3f}x), peak tensors "
                   f"{ratios[k]['tensor_peak']:.3f}x{extra}")
     print("agreement with iwsft (max rel. diff of loss, |grad h|_1, |grad W|_1): "
           + ", ".join(f"{k} {v:.1e}" for k, v in agree.items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "header": head, "times_s": times, "median_s": med, "memory": mem,
+            json.dump({"config": vars(args), "header": head, "times_s": times, "median_s": med, "cpu_times_s": cpu_times, "cpu_median_s": cpu_med, "memory": mem,
                        "ratios": ratios, "agreement": agree, "torch": torch.__version__}, f, indent=1)
 
 

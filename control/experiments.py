@@ -179,13 +179,12 @@ def run_all(cfg: ExperimentConfig) -> Path:
     if cfg.workers == 1 or cfg.seeds == 1:
         for seed in range(cfg.seeds):
             run_seed(cfg, seed, data)
-    else:  # processes take (algorithm, seed) jobs, BC of every seed first, then one algorithm at a time (so that an
-        # interrupted run leaves whole rows); each process loads the dataset itself (cheaper than pickling it)
+    else:  # each process takes a whole seed (BC, then the rest from it), so no process waits for another's BC and an
+        # interrupted run leaves finished seeds; each process loads the dataset itself (cheaper than pickling it)
         import multiprocessing as mp
         with ProcessPoolExecutor(min(cfg.workers, cfg.seeds), mp_context=mp.get_context("spawn")) as pool:
-            for algo in ["bc"] + [a for a in cfg.algos if a != "bc"]:
-                for f in [pool.submit(run_seed, cfg, seed, None, [algo]) for seed in range(cfg.seeds)]:
-                    f.result()
+            for f in [pool.submit(run_seed, cfg, seed) for seed in range(cfg.seeds)]:
+                f.result()
     table = write_table(root)
     plot(root)
     print(table)

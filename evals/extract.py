@@ -197,7 +197,8 @@ def has_open_box(text: str) -> bool:
 
 # Text allowed between boxes that together form one answer: commas, "and"/"or", spacing commands, math shifts.
 _BOX_JOINER = re.compile(
-    r"\A(?:[\s,;$&]|\b[A-Za-z](?:_\{?\w+\}?)?\s*=|\\quad|\\qquad|\\,|\\;|\\ |\\\\|\\text\{\s*(?:and|or|,)?\s*\}|\\(?:text|mbox)\{\s*|\band\b|\bor\b"
+    r"\A(?:[\s,;$&]|\b[A-Za-z](?:_\{?\w+\}?)?\s*=|\\quad|\\qquad|\\,|\\;|\\ |\\\\"
+    r"|\\text\{\s*(?:and|or|,)?\s*\}|\\(?:text|mbox)\{\s*|\band\b|\bor\b"
     r"|\\[\[\]()])*\Z")
 
 
@@ -227,6 +228,9 @@ _CUE = re.compile(
 _CONDITIONAL = re.compile(r"(?i)\b(?:if|unless|suppose|supposing|assuming|had|were)\b")
 _CHECKING = re.compile(r"(?i)\b(?:check|checking|verify|verifying|confirm|confirming|test|testing|plug|plugging)\b"
                        r"|\b(?:our|your|this|that|these|their)\s*\Z")
+# a heading on its own line: "### Final Answer", "**Answer**" (the answer is on the next line)
+_HEADING_CUE = re.compile(r"(?im)^[ \t]*(?:#+[ \t]*|\*\*|__)?[ \t]*(?:final[ \t]+)?answer[ \t]*(?:\*\*|__)?[ \t]*:?"
+                          r"[ \t]*(?:\*\*|__)?[ \t]*(?=\n)")
 _MINERVA_TAIL = re.compile(r"(?i)\.?\s*I\s+hope\s+(?:it|this)\s+is\s+correct.*", re.DOTALL)
 
 
@@ -244,7 +248,8 @@ def cue_statements(text: str) -> list[tuple[int, int, str]]:
     The statement runs to the end of the cue's line; a cue that ends its line takes the next non-empty line.
     """
     out = []
-    for m in _CUE.finditer(text):
+    cues = sorted(list(_CUE.finditer(text)) + list(_HEADING_CUE.finditer(text)), key=lambda m: m.start())
+    for m in cues:
         if _conditional(text, m.start()):
             continue
         rest_start = m.end()
@@ -300,7 +305,8 @@ def _strip_statement(s: str) -> str:
     return s.strip()
 
 
-_LEADING_VALUE = re.compile(r"(?:−|\$|\\\(|\\\[|\\\$|[-+]?\\(?:[A-Za-z]+|\{)|[-+]?[(\[]?[-+]?\.?\d|[A-Za-z](?:_\{?\w+\}?)?\s*=)")
+_LEADING_VALUE = re.compile(r"(?:−|\$|\\\(|\\\[|\\\$|[-+]?\\(?:[A-Za-z]+|\{)|[-+]?[(\[]?[-+]?\.?\d"
+                            r"|[A-Za-z](?:_\{?\w+\}?)?\s*=)")
 # words that may stand between a copula and its value ("is exactly 5", "is then $x = 2$", "not 27 but 28")
 _FILLER = re.compile(r"(?i)\A(?:\s*(?:but|the|exactly|precisely|just|simply|equal\s+to|given\s+by|approximately|about|"
                      r"roughly|around|then|therefore|thus|now|indeed|actually|only|still|also|likely|probably|clearly|"
@@ -380,7 +386,8 @@ def normalise_answer(s: str) -> str:
     t = t.strip().rstrip(".").strip()
     if t.startswith("$") and t.endswith("$"):
         t = t.strip("$").strip()
-    if re.fullmatch(r"[-+]?(?:[1-9]\d{0,2}|0)(?:(?:\{,\}|,\\!|,)\d{3})+(?:\.\d+)?", t) and not t.lstrip("-+").startswith("0"):
+    # "0,125" is a decimal comma, not a thousands separator: the first group never starts with 0
+    if re.fullmatch(r"[-+]?[1-9]\d{0,2}(?:(?:\{,\}|,\\!|,)\d{3})+(?:\.\d+)?", t):
         t = re.sub(r"\{,\}|,\\!|,", "", t)
     return t
 
@@ -499,7 +506,8 @@ def _leading_value(text: str) -> str:
 # "so our answer is correct": a statement about the answer, not an answer
 _VERDICT_WORDS = re.compile(r"(?i)(?:not\s+|indeed\s+|thus\s+|also\s+)?(?:correct|right|wrong|incorrect|valid|invalid|"
                             r"reasonable|plausible|consistent|confirmed|verified|checked|clear|obvious|unique|"
-                            r"as\s+follows|below|above|boxed|shown|given|the\s+same|same|unchanged|yes|no|true|false)\b")
+                            r"as\s+follows|below|above|boxed|shown|given|the\s+same|same|unchanged|yes|no|true|"
+                            r"false)\b")
 
 
 def _statement_reading(body: str, source: str = "statement") -> Reading | None:
@@ -535,12 +543,16 @@ _EXPLORES = re.compile(r"(?i)\b(?:let|let's|check|try|suppose|assume|assuming|if
 
 
 def _final_statement(region: str) -> Reading | None:
-    """Rule 5: the final statement of a region that has no box and no answer statement."""
+    """Rule 6: the final statement of a region that has no box and no answer statement."""
     text = region.rstrip()
     if not text:
         return None
-    m = re.search(r"(\$\$.+?\$\$|\\\[.+?\\\])[\s.]*\Z", text, re.DOTALL)
-    if m:  # a display block ends the region
+    m = re.search(r"(\$\$(?:(?!\$\$).)+\$\$|\\\[(?:(?!\\\[).)+\\\])[\s.]*\Z", text, re.DOTALL)
+    if m:  # a display block ends the region (the last one only: no "$$" / "\[" inside)
+        lead_in = text[:m.start()]
+        lead_in = lead_in[max(lead_in.rfind(". "), lead_in.rfind("\n\n")) + 1:]
+        if _EXPLORES.search(_mask_math(lead_in)):
+            return None  # "Let me check: $$2 + 2 = 4.$$"
         parsed = _mv().parse(m.group(1), _configs()[0], parsing_timeout=5)
         if any(not isinstance(p, str) for p in parsed):
             return Reading(_written(tuple(parsed), m.group(1)), tuple(parsed), "final statement")
@@ -687,7 +699,7 @@ def _choice_letter(answer: str | None, choices: list[str] | None) -> str | None:
 
 def _bare_letter_line(line: str, choices: list[str] | None) -> str | None:
     """A line that is only an option: ``**C**``, ``(D)``, ``C``, ``\\boxed{C}``, or ``(D) <the text of D>``."""
-    s = _strip_latex_wrappers(line).strip().strip("*_$#> ").strip()
+    s = _strip_latex_wrappers(line).replace("**", "").replace("__", "").strip().strip("*_$#> ").strip()
     m = re.fullmatch(r"(?i:option|choice)?\s*[\(\[]?([A-D])[\)\]]?[.]?", s)
     if m:
         return m.group(1)
@@ -701,7 +713,8 @@ def _bare_letter_line(line: str, choices: list[str] | None) -> str | None:
 
 
 # "the correct option is (C)", "the best choice would be B", "I choose B"
-_CHOICE_CUE = re.compile(r"(?i:\b(?:correct|best|right|final|most\s+likely)\s+(?:choice|option|answer)\s+(?:is|would\s+be|"
+_CHOICE_CUE = re.compile(r"(?i:\b(?:correct|best|right|final|most\s+likely)\s+(?:choice|option|answer)\s+"
+                         r"(?:is|would\s+be|"
                          r"must\s+be|should\s+be)\b:?|\bI\s+(?:choose|pick|select|go\s+with)\b:?"
                          r"|\b(?:thus|so|therefore|hence)\b,?(?=\s*\**[\(\[]?[A-D][\)\]]?\**\s*[.!]?\s*$)"
                          # "Wait, no. Looking again, B.": a lone letter after a comma/colon ends the line
@@ -713,6 +726,9 @@ _IS_CORRECT = re.compile(r"(?:^|(?<=\s))(?i:option\s+|choice\s+)?[\(\[]?([A-D])[
 
 def final_choice(region: str, choices: list[str] | None = None) -> str | None:
     """The final option letter of a region, :data:`AMBIGUOUS`, or None (see the module docstring)."""
+    whole = re.fullmatch(r"\s*\**\s*[\(\[]?([a-dA-D])[\)\]]?\.?\s*\**\s*", region)
+    if whole:  # the whole reply is one letter, in either case ("c", "(C)")
+        return whole.group(1).upper()
     candidates: list[tuple[int, str]] = []
     region = blank_negations(region)
     group = final_box_group(region)

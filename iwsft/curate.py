@@ -377,7 +377,10 @@ class VLLMSampler:  # pragma: no cover - needs a GPU and vllm; not exercised by 
             group = []
             for c in o.outputs:
                 lps = [float(d[t].logprob) for d, t in zip(c.logprobs, c.token_ids)]
-                group.append(Sample(list(c.token_ids), lps, "stop" if c.finish_reason == "stop" else "length"))
+                ids = list(c.token_ids)
+                # "stop" here means: ended with the sampled EOS id (whose log-prob is recorded, as on CPU)
+                stopped = c.finish_reason == "stop" and bool(ids) and ids[-1] in self.eos_ids
+                group.append(Sample(ids, lps, "stop" if stopped else "length"))
             result.append(group)
         return result
 
@@ -535,7 +538,8 @@ def curate(model_dir, prompts: Sequence[Prompt], out_dir, cfg: SamplingConfig = 
         for p, m, pid, group in zip(batch, msgs, pids, groups):
             g_rows = []
             for j, s in enumerate(group):
-                body = s.token_ids[:-1] if s.finish_reason == "stop" else s.token_ids
+                body = s.token_ids[:-1] if s.finish_reason == "stop" and s.token_ids[-1] in sampler.eos_ids \
+                    else s.token_ids
                 text = sampler.decode(body)
                 chk = verify(vfn, text, p.answer)
                 g_rows.append({

@@ -602,7 +602,8 @@ def _versions() -> Dict[str, str]:
     return {"torch": torch.__version__, "torchtune": torchtune.__version__, "transformers": transformers.__version__}
 
 
-def study(out, sc: StudyConfig, jobs: int = 2, pref: Optional[Path] = None) -> str:
+def study(out, sc: StudyConfig, jobs: int = 2, pref: Optional[Path] = None,
+          only_seeds: Optional[Sequence[int]] = None) -> str:
     """Runs (or resumes) the whole study and writes the report; returns the table."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -620,7 +621,7 @@ def study(out, sc: StudyConfig, jobs: int = 2, pref: Optional[Path] = None) -> s
     pref = Path(pref).resolve()
     heldout = write_prompts(out / "prompts" / "heldout.jsonl", sc.eval_prompts, seed=424242)
     write_prompts(out / "prompts" / "train.jsonl", sc.train_prompts, seed=17, exclude=[r["question"] for r in heldout])
-    tasks = [(str(out), s, cfg, str(pref)) for s in range(sc.seeds)]
+    tasks = [(str(out), s, cfg, str(pref)) for s in range(sc.seeds) if only_seeds is None or s in only_seeds]
     rows: List[Dict[str, Any]] = []
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as ex:
@@ -629,6 +630,8 @@ def study(out, sc: StudyConfig, jobs: int = 2, pref: Optional[Path] = None) -> s
     else:
         for t in tasks:
             rows += run_seed(t)
+    if only_seeds is not None:  # part of a study: the table comes from --report-only once every part is done
+        return ""
     with open(out / "results.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -650,6 +653,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="seeds in parallel (one thread each)")
     ap.add_argument("--pref", default=None, help="p_ref model dir (default: the shipped asset, else pretrain)")
     ap.add_argument("--report-only", action="store_true", help="table and plots from the finished steps only")
+    ap.add_argument("--only-seeds", default=None, help="comma-separated seeds to run (e.g. to spread them over "
+                    "machines or processes); then --report-only builds the table")
     a = ap.parse_args(argv)
     if a.cmd == "pretrain":
         model = pretrain(Path(a.out))
@@ -665,9 +670,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         sc.rounds = a.rounds
     if a.report_only:
         rows = collect(Path(a.out), sc)
+        with open(Path(a.out) / "results.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
         print(report(Path(a.out), rows, sc, float("nan"), _versions()))
         return 0
-    study(a.out, sc, jobs=a.jobs, pref=Path(a.pref) if a.pref else None)
+    study(a.out, sc, jobs=a.jobs, pref=Path(a.pref) if a.pref else None,
+          only_seeds=[int(x) for x in a.only_seeds.split(",")] if a.only_seeds else None)
     return 0
 
 

@@ -47,7 +47,7 @@ def test_tune_command_registers_recipe():
 @pytest.mark.slow
 def test_demo_one_self_curation_round_end_to_end(tmp_path, capsys):
     out = demo.run_demo(tmp_path / "w", k=2, train_prompts=16, eval_prompts=6, eval_samples=1,
-                        methods=("sft", "iwsft"), overrides=("epochs=1",), timeout=600)
+                        methods=("sft", "iwsft"), overrides=("epochs=1", "batch_size=4"), timeout=600)
     text = capsys.readouterr().out
     assert "[iwsft-demo] summary" in text and "p_ref" in text and "(SFT: every weight is 1)" in text
     assert out["curate"]["samples"] == 32 and out["curate"]["correct_samples"] > 0
@@ -63,10 +63,7 @@ def test_demo_one_self_curation_round_end_to_end(tmp_path, capsys):
     # identical data order, steps and lr: SFT and iw-SFT see the same batches, so their unweighted NLL agrees at
     # step 1 (same start model) and they train the same number of steps
     assert iw_log[0]["nll"] == pytest.approx(sft_log[0]["nll"], rel=1e-5) and len(iw_log) == len(sft_log)
-    # a second run replaces its own run directory; a foreign one is refused
-    demo.run_demo(tmp_path / "w", k=1, train_prompts=8, eval_prompts=2, eval_samples=0, methods=("sft",),
-                  overrides=("epochs=1",), timeout=600)
-    assert not (tmp_path / "w" / "runs" / "iwsft").exists()
+    # a run directory the demo did not make is never deleted
     (tmp_path / "x" / "runs").mkdir(parents=True)
     with pytest.raises(FileExistsError):
         demo.run_demo(tmp_path / "x", methods=("sft",))
