@@ -494,7 +494,7 @@ def report(out: Path, rows: List[Dict[str, Any]], sc: StudyConfig, seconds: floa
         if not diffs:
             return "—", None
         m, lo, hi = t_interval(diffs)
-        s = lo > 0 or hi < 0
+        s = (lo > 0 or hi < 0) and hi > lo  # identical differences in every seed give no interval: not a test
         return (f"{m * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]" + (" *" if s else "")), s
 
     for rnd in range(0, sc.rounds + 1):

@@ -6,8 +6,8 @@
 
 computed with a plain Python loop over the episodes of a batch (no padding, no segment sums, no shared code with the
 trainer). The trainer's exact mode must give the same loss (times B, the documented constant factor) and gradients;
-its sampled mode must be unbiased for the same objective; the per-step reduction is checked against the padded
-formula Σ_i w_i Σ_t log π / Σ_i w_i T_i.
+its sampled mode must be unbiased for the same objective (given its virtual batch of B episodes); the per-step
+reduction is checked against the padded formula Σ_i w_i Σ_t log π / Σ_i w_i T_i.
 """
 import copy
 import math
@@ -165,53 +165,73 @@ def test_exact_mode_step_reduction_equals_padded_formula():
             torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("algo", ["iwsft_q", "bc"])
-def test_sampled_mode_is_unbiased_for_the_authors_objective(algo):
-    """Sampled mode: the expected loss/gradient over its draws equals the population version of the authors' loss
-    −Σ_i p_i w_i ℓ_i / Σ_i p_i w_i (p_i: percentile-level sampling probability), computed by hand."""
+def expected_sampled_loss(policy, data, episode_probs):
+    """Σ_e P(e) · mean_t(−log π) over episode e: the expectation of −mean_j log π(a_j|s_j) when each step's episode is
+    drawn with probability P(e) and the step uniformly within it."""
+    total = 0.0
+    for e, pe in episode_probs.items():
+        o, a = episode(data, e)
+        total = total - pe * logp_by_hand(policy, o, a).mean()
+    return total
+
+
+def assert_draws_follow(draw, probs, batches=300):
+    """Counts of `draw()` (episode ids) over many batches within 5 binomial sigmas of `probs` {episode: P}."""
+    counts = {}
+    for _ in range(batches):
+        for e in draw().tolist():
+            counts[e] = counts.get(e, 0) + 1
+    n = sum(counts.values())
+    assert set(counts) <= set(probs)
+    for e, pe in probs.items():
+        assert abs(counts.get(e, 0) - n * pe) <= 5 * math.sqrt(n * pe * (1 - pe)) + 1, (e, counts.get(e), n * pe)
+
+
+def test_sampled_mode_is_unbiased_for_the_authors_batch_loss():
+    """iw-SFT(Q), sampled mode: given its virtual batch of B episodes (drawn ∝ percentile level, as the authors draw
+    their batch), the expected loss and gradient of the sampled steps equal B × the authors' loss on that batch,
+    computed by hand; and the steps are drawn with those probabilities."""
     data = tiny_episodes(4, n=20, lo=2, hi=40)
-    cfg = TrainConfig(algo=algo, hidden=32, percentiles=(20, 50, 80), clip_max=1000.0, eval_every=0, batch_size=64)
+    B = 12
+    cfg = TrainConfig(algo="iwsft_q", hidden=32, percentiles=(20, 50, 80), eval_every=0, batch_size=64,
+                      virtual_episodes=B)
     init_policy, ref = make_policies(data)
-    weighted = algo != "bc"
-    tr = Trainer(cfg, data, init=copy.deepcopy(init_policy.state_dict()), ref=ref if weighted else None)
-    # p_i by hand: percentile levels 1/2/3 of the returns (numpy's linear percentiles), level 0 never drawn
+    tr = Trainer(cfg, data, init=copy.deepcopy(init_policy.state_dict()), ref=ref)
+    # the percentile levels by hand: 1/2/3 at the 20/50/80th return percentiles (numpy's linear percentiles)
     returns = data.returns
-    if weighted:
-        levels = (returns[:, None] >= np.percentile(returns, [20, 50, 80])[None]).sum(1)
-    else:
-        levels = np.ones(data.num_episodes)
+    levels = (returns[:, None] >= np.percentile(returns, [20, 50, 80])[None]).sum(1)
     kept = np.flatnonzero(levels > 0)
-    p = levels[kept] / levels[kept].sum()
     assert tr.data.num_episodes == len(kept)
-    policy = tr.policy
-    w = np.array([authors_weight(tr.ema.module if weighted else None, ref, tr.data, e, 10.0, 1000.0)
-                  if weighted else 1.0 for e in range(len(kept))])
-    assert not weighted or w.max() / w.min() > 10  # the weights matter
-    # the authors' population objective, by hand
-    terms = []
-    for e in range(len(kept)):
-        o, a = episode(tr.data, e)
-        terms.append(p[e] * w[e] * logp_by_hand(policy, o, a).sum() / len(o))
-    target = -torch.stack(terms).sum() / float((p * w).sum())
-    # the trainer's expected sampled loss: P(episode) from its draw distribution, a step uniformly within it
-    probs = tr.draw_probs()
-    np.testing.assert_allclose(probs, p * w / (p * w).sum(), rtol=1e-5)
-    expected = 0.0
-    for e in range(len(kept)):
-        o, a = episode(tr.data, e)
-        expected = expected - probs[e] * logp_by_hand(policy, o, a).mean()
-    g1 = torch.autograd.grad(target, list(policy.parameters()))
-    g2 = torch.autograd.grad(expected, list(policy.parameters()))
+    np.testing.assert_allclose(tr.episode_probs, levels[kept] / levels[kept].sum())
+    virtual = tr.sample_batch()["virtual"]
+    assert len(virtual) == B
+    loss, w = authors_loss(tr.policy, tr.ema.module, ref, tr.data, virtual.tolist(), True, 10.0, 1000.0)
+    assert w.max() / w.min() > 10  # the weights matter
+    draw = tr.virtual_draw_probs(virtual)
+    np.testing.assert_allclose(draw, (w / w.sum()).numpy(), rtol=1e-5)
+    probs = {}
+    for e, pd in zip(virtual.tolist(), draw):
+        probs[e] = probs.get(e, 0.0) + pd
+    expected = expected_sampled_loss(tr.policy, tr.data, probs)
+    assert expected.item() == pytest.approx(B * loss.item(), rel=1e-5)
+    for g1, g2 in zip(torch.autograd.grad(B * loss, list(tr.policy.parameters())),
+                      torch.autograd.grad(expected, list(tr.policy.parameters()))):
+        torch.testing.assert_close(g1, g2.float(), rtol=1e-4, atol=1e-6)
+    assert_draws_follow(lambda: tr.sample_steps(virtual)["episodes"], probs)
+
+
+def test_sampled_bc_is_unbiased_for_the_authors_bc_loss():
+    """BC, sampled mode: episodes drawn uniformly, a step uniformly within: the expectation is −mean_i ℓ_i over the
+    whole data set, the authors' BC loss in expectation over their batches."""
+    data = tiny_episodes(4, n=20, lo=2, hi=40)
+    tr = Trainer(TrainConfig(algo="bc", hidden=32, eval_every=0, batch_size=64), data)
+    eps = list(range(data.num_episodes))
+    target = authors_loss(tr.policy, None, None, data, eps, False)[0]
+    probs = dict(zip(eps, tr.draw_probs()))
+    np.testing.assert_allclose(list(probs.values()), 1 / len(eps))
+    expected = expected_sampled_loss(tr.policy, data, probs)
     assert expected.item() == pytest.approx(target.item(), rel=1e-5)
-    for a_, b_ in zip(g1, g2):
-        torch.testing.assert_close(a_, b_.float(), rtol=1e-4, atol=1e-6)
-    # and the sampler draws from that distribution (counts over 300 batches within 5 binomial sigmas)
-    counts = np.zeros(len(kept))
-    for _ in range(300):
-        np.add.at(counts, tr.sample_batch()["episodes"].numpy(), 1)
-    n = counts.sum()
-    sigma = np.sqrt(n * probs * (1 - probs))
-    assert np.all(np.abs(counts - n * probs) <= 5 * sigma + 1)
+    assert_draws_follow(lambda: tr.sample_batch()["episodes"], probs)
 
 
 def test_cached_refresh_is_stale_between_refreshes():

@@ -119,6 +119,7 @@ def sequence_runs(tiny_assets, tmp_path_factory):  # noqa: F811
     return tmp / "one", one, tmp / "two", two
 
 
+@pytest.mark.slow
 def test_sequence_reduction_in_the_recipe_matches_a_naive_loop_and_is_exact_under_accumulation(
         sequence_runs, tiny_assets):  # noqa: F811
     one_dir, one, two_dir, two = sequence_runs
@@ -179,3 +180,14 @@ def test_two_nodes_train_exactly_like_one_node_with_two_processes(sequence_runs,
     a, b = load_weights(two_dir / "epoch_0"), load_weights(out / "epoch_0")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+
+
+def test_the_configs_that_reproduce_the_paper_use_the_sequence_reduction():
+    from omegaconf import OmegaConf
+
+    for name in ("qwen_32b", "qwen_32b_lora", "qwen_7b", "qwen_7b_lora", "qwen_1_5b", "qwen_1_5b_lora"):
+        path = CONFIGS / f"{name}.yaml"
+        assert OmegaConf.load(path).loss.reduction == "sequence", name
+        if name.startswith("qwen_32b"):  # the headers say so
+            assert "Loss reduction `sequence`" in path.read_text().split("\n\n")[0], name
+    assert OmegaConf.load(CONFIGS / "tiny_cpu.yaml").loss.reduction == "token"
