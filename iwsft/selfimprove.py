@@ -130,9 +130,19 @@ def write_prompts(path: Path, n: int, seed: int, exclude: Sequence[str] = ()) ->
             continue
         seen.add(p["question"])
         rows.append({"question": p["question"], "answer": p["answer"]})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write_if_changed(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Atomic write (temp file + rename), skipped when the file already holds ``text``: processes running other
+    seeds of the same study may be reading it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_teacher_data(path: Path, n: int, seed: int, exclude: Sequence[str] = ()) -> Dict[str, float]:
@@ -494,7 +504,7 @@ def report(out: Path, rows: List[Dict[str, Any]], sc: StudyConfig, seconds: floa
         if not diffs:
             return "—", None
         m, lo, hi = t_interval(diffs)
-        s = (lo > 0 or hi < 0) and hi > lo  # identical differences in every seed give no interval: not a test
+        s = (lo > 0 or hi < 0) and hi - lo > 1e-9  # identical differences in every seed: no interval, no test
         return (f"{m * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}]" + (" *" if s else "")), s
 
     for rnd in range(0, sc.rounds + 1):
@@ -615,7 +625,7 @@ def study(out, sc: StudyConfig, jobs: int = 2, pref: Optional[Path] = None,
         old = json.loads(cfg_path.read_text())
         if old != cfg:
             raise ValueError(f"{out} holds a study with other settings ({old} vs {cfg}); use another --out")
-    cfg_path.write_text(json.dumps(cfg, indent=1))
+    _write_if_changed(cfg_path, json.dumps(cfg, indent=1))
     if pref is None:
         pref = ASSET_DIR if (ASSET_DIR / "model.safetensors").is_file() else pretrain(out / "pref")
     pref = Path(pref).resolve()
