@@ -47,10 +47,17 @@ _NEXT_PROBLEM = re.compile(r"\n[ \t]*(?:#+[ \t]*)?(?:Problem|Question|Human|User
 def assistant_turn(text: str) -> tuple[str, bool]:
     """(the assistant turn, whether an end-of-turn marker was found).
 
-    Cut at the first end-of-turn marker (rule 1) with non-blank text before it; a marker at the very start (an
-    echoed header) is skipped.
+    Cut at the first end-of-turn marker (rule 1). An output that starts with an end-of-turn marker has an empty
+    turn (the model stopped at once; later text is the backend running on), except ``<|im_end|>`` followed by an
+    ``<|im_start|>assistant`` header (the prompt's turn echoed): the turn starts after that header.
     """
     text = text or ""
+    # the prompt's turn closed and the assistant header echoed: the turn starts after the header
+    echoed = re.match(r"\s*<\|im_end\|>\s*<\|im_start\|>assistant[ \t]*\n?", text)
+    if echoed:
+        text = text[echoed.end():]
+    if any(text.lstrip().startswith(marker) for marker in END_OF_TURN):
+        return "", True  # the model ended its turn at once: what follows is not its reply
     cut = None
     for marker in END_OF_TURN:
         start = 0
@@ -400,6 +407,50 @@ def _mv():
     return math_verify
 
 
+# Answers are short: a candidate longer than this is no answer, and math-verify never sees it (its LaTeX parser
+# takes seconds to minutes on expressions with thousands of terms).
+MAX_PARSE_CHARS = 600
+# Total math-verify time one output may use (seconds); see :func:`time_budget`.
+_deadline: list[float] = []
+
+
+class time_budget:  # noqa: N801 - used as a context manager: ``with time_budget(10): ...``
+    """Bound the total math-verify time of one output: inside the block every parse/verify call gets at most the
+    seconds left (each at most 5 s), and none is made once they are spent (the candidate then reads as nothing)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import time
+
+        _deadline.append(time.monotonic() + self.seconds)
+        return self
+
+    def __exit__(self, *exc):
+        _deadline.pop()
+        return False
+
+
+def mv_timeout() -> int | None:
+    """Seconds the next math-verify call may take (1-5), or None when the budget is spent."""
+    if not _deadline:
+        return 5
+    import math
+    import time
+
+    left = _deadline[-1] - time.monotonic()
+    return None if left <= 0 else max(1, min(5, math.ceil(left)))
+
+
+def mv_parse(text: str, configs) -> list:
+    """``math_verify.parse`` with the length cap (:data:`MAX_PARSE_CHARS`) and the time budget; [] if refused."""
+    timeout = mv_timeout()
+    if timeout is None or len(text) > MAX_PARSE_CHARS + 20:
+        return []
+    return _mv().parse(text, configs, parsing_timeout=timeout)
+
+
 @lru_cache(maxsize=1)
 def _configs():
     mv = _mv()
@@ -416,7 +467,7 @@ def parse_latex_answer(latex: str) -> tuple:
     t = normalise_answer(latex)
     if not t:
         return ()
-    parsed = _mv().parse("\\boxed{" + t + "}", _configs()[1], parsing_timeout=5)
+    parsed = mv_parse("\\boxed{" + t + "}", _configs()[1])
     return tuple(p for p in parsed if not isinstance(p, str)) and tuple(parsed)
 
 
@@ -429,16 +480,19 @@ def parse_statement(text: str) -> tuple:
     """math-verify extraction (LaTeX and plain expressions, anchors and all) over a statement's value text."""
     t = _PERCENT.sub("", text)
     t = _DEGREE.sub("", t)
+    plain = re.sub(r"\$[^$]*\$|\\\(.*?\\\)", " ", t)
+    if re.search(r"\d[ \t]+\d", plain) and not re.search(r"(?<![\d.])\d{1,3}(?:[ \t]\d{3})+(?![\d.])", plain):
+        return ()  # "20 4": two numbers side by side, not one (math-verify would join them into 204)
     unit = re.fullmatch(r"\s*([-+]?\d[\d,]*(?:\.\d+)?)\s*" + _UNITS + r"(?:\^\{?[23]\}?)?\.?\s*", t)
     if unit:  # "12 cm^2": a number and a unit (never "2 pi", "3 i": those are values)
         t = unit.group(1)
     if "$" not in t and "\\(" not in t and is_math_only(t):
         # bare LaTeX ("3\\sqrt{2}", "x^2 + 1", "2 pi"): read it whole as math, not its first number
         latex = re.sub(r"(?<![\\A-Za-z])pi(?![A-Za-z])", r"\\pi ", normalise_answer(t))
-        parsed = _mv().parse("$" + latex + "$", _configs()[0], parsing_timeout=5)
+        parsed = mv_parse("$" + latex + "$", _configs()[0])
         if any(not isinstance(p, str) for p in parsed):
             return tuple(parsed)
-    parsed = _mv().parse(t, _configs()[0], parsing_timeout=5)
+    parsed = mv_parse(t, _configs()[0])
     if any(not isinstance(p, str) for p in parsed):
         return tuple(parsed)
     if is_math_only(text):  # "x^2 + 1", "p - q" written without $ signs
@@ -510,6 +564,26 @@ _VERDICT_WORDS = re.compile(r"(?i)(?:not\s+|indeed\s+|thus\s+|also\s+)?(?:correc
                             r"false)\b")
 
 
+# "The final answer is unknown yet", "still undetermined": a status, not a word answer
+_STATUS_WORDS = re.compile(r"(?i)\b(?:unknown|yet|unclear|undetermined|uncertain|unsure|pending|tbd|missing|not|"
+                           r"still|pending|unsolved|incomplete)\b")
+_UNITS_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                "sixteen seventeen eighteen nineteen").split()
+_TENS_WORDS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
+               "ninety": 90}
+
+
+def _number_word(words: str) -> int | None:
+    """``three`` -> 3, ``twenty-one`` -> 21 (0-99 written as words, the whole value); else None."""
+    w = words.strip().rstrip(".").lower()
+    if w in _UNITS_WORDS:
+        return _UNITS_WORDS.index(w)
+    m = re.fullmatch(r"([a-z]+)(?:[- ]([a-z]+))?", w)
+    if m and m.group(1) in _TENS_WORDS and (m.group(2) is None or m.group(2) in _UNITS_WORDS[1:10]):
+        return _TENS_WORDS[m.group(1)] + (_UNITS_WORDS.index(m.group(2)) if m.group(2) else 0)
+    return None
+
+
 def _statement_reading(body: str, source: str = "statement") -> Reading | None:
     boxes = final_box_group(body)
     if boxes:
@@ -525,9 +599,14 @@ def _statement_reading(body: str, source: str = "statement") -> Reading | None:
         if parsed:
             return Reading(_written(parsed, text), parsed, source)
     words = value.strip().strip("$").strip()
+    number = _number_word(words)
+    if number is not None:  # "The answer is three."
+        parsed = parse_latex_answer(str(number))
+        return Reading(str(number), parsed, source) if parsed else None
     short = len(_strip_statement(body).split()) <= 5
     if short and 0 < len(words.split()) <= 4 and re.fullmatch(r"[A-Za-z][A-Za-z \-']*", words) \
-            and not _VERDICT_WORDS.match(words) and not re.search(r"(?i)\banswer", words):
+            and not _VERDICT_WORDS.match(words) and not re.search(r"(?i)\banswer", words) \
+            and _FILLER.match(words).end() == 0 and not _STATUS_WORDS.search(words):
         # a short word answer ("Evelyn", "odd"): compared as \text{...} like math-verify does with text golds
         parsed = parse_latex_answer("\\text{" + words + "}")
         if parsed:
@@ -553,7 +632,7 @@ def _final_statement(region: str) -> Reading | None:
         lead_in = lead_in[max(lead_in.rfind(". "), lead_in.rfind("\n\n")) + 1:]
         if _EXPLORES.search(_mask_math(lead_in)):
             return None  # "Let me check: $$2 + 2 = 4.$$"
-        parsed = _mv().parse(m.group(1), _configs()[0], parsing_timeout=5)
+        parsed = mv_parse(m.group(1), _configs()[0])
         if any(not isinstance(p, str) for p in parsed):
             return Reading(_written(tuple(parsed), m.group(1)), tuple(parsed), "final statement")
         return None
@@ -571,6 +650,17 @@ def _final_statement(region: str) -> Reading | None:
     ends.sort()
     start = ends[-1] if ends else 0
     sentence, sentence_masked = last_line[start:].strip(), masked[start:]
+    bold = re.findall(r"\*\*([^*\n]+)\*\*", sentence)
+    if len(bold) == 1 and not _EXPLORES.search(sentence_masked) and not _HEDGE.search(sentence_masked):
+        # "Therefore, the walk takes **204** minutes.": the one bold value of the final sentence, the only number
+        outside = sentence.replace("**" + bold[0] + "**", " ")
+        inner = bold[0].strip()
+        inner = inner[_FILLER.match(inner).end():]
+        if not re.search(r"\d", outside) and leads_with_value(inner):
+            text = _leading_value(inner).rstrip(" .")
+            parsed = parse_statement(text)
+            if parsed:
+                return Reading(_written(parsed, text), parsed, "final statement")
     if not _CONCLUDES.search(sentence_masked) or _EXPLORES.search(sentence_masked):
         return None
     if not (_COPULA.search(sentence_masked) or _CONCLUSION.search(sentence_masked)):
@@ -584,20 +674,153 @@ def blank_negations(text: str) -> str:
     return _NEGATED.sub(lambda m: " " * len(m.group(0)), text)
 
 
+# ----------------------------------------------------------------------------------------- unicode, retractions
+
+_SUPERSCRIPT = {"⁰": "0", "¹": "1", "²": "2", "³": "3", "⁴": "4", "⁵": "5", "⁶": "6", "⁷": "7", "⁸": "8", "⁹": "9",
+                "⁻": "-", "⁺": "+"}
+_VULGAR = {"½": (1, 2), "⅓": (1, 3), "⅔": (2, 3), "¼": (1, 4), "¾": (3, 4), "⅕": (1, 5), "⅖": (2, 5), "⅗": (3, 5),
+           "⅘": (4, 5), "⅙": (1, 6), "⅚": (5, 6), "⅐": (1, 7), "⅛": (1, 8), "⅜": (3, 8), "⅝": (5, 8), "⅞": (7, 8),
+           "⅑": (1, 9), "⅒": (1, 10)}
+_SYMBOLS = {"−": "-", "×": "\\times ", "÷": "\\div ", "·": "\\cdot ", "π": "\\pi ", "∞": "\\infty ", "≤": "\\le ",
+            "≥": "\\ge ", "≠": "\\ne "}
+_INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
+
+
+def normalise_unicode(text: str) -> str:
+    r"""Unicode maths as LaTeX, then NFKC: zero-width characters dropped, superscripts ``x²`` -> ``x^{2}`` (before
+    NFKC, which would make ``x2`` of it), vulgar fractions ``½`` -> ``\frac{1}{2}`` (``3½`` -> ``(3+\frac{1}{2})``),
+    ``√2`` / ``√(x+1)`` -> ``\sqrt{...}``, ``−×÷·π∞≤≥≠`` -> their LaTeX, fullwidth digits and letters (``２０４``)
+    -> ASCII by NFKC. ASCII text is returned unchanged."""
+    if text.isascii():
+        return text
+    import unicodedata
+
+    t = _INVISIBLE.sub("", text)
+    t = re.sub("[⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺]+", lambda m: "^{" + "".join(_SUPERSCRIPT[c] for c in m.group(0)) + "}", t)
+
+    def vulgar(m):
+        a, b = _VULGAR[m.group(2)]
+        frac = f"\\frac{{{a}}}{{{b}}}"
+        return f"({m.group(1)}+{frac})" if m.group(1) else frac
+
+    t = re.sub("(\\d+)?([" + "".join(_VULGAR) + "])", vulgar, t)
+    t = re.sub(r"√\s*(?:\(([^()]*)\)|\{([^{}]*)\}|(\d+(?:\.\d+)?|[A-Za-z]))",
+               lambda m: "\\sqrt{" + next(g for g in m.groups() if g is not None) + "}", t)
+    t = t.replace("√", "\\sqrt ")
+    t = "".join(_SYMBOLS.get(c, c) for c in t)
+    return unicodedata.normalize("NFKC", t)
+
+
+# Words after an answer that take it back ("Wait, that's wrong", "actually it's 4", "On second thought, (C)",
+# "it should be 228", "we double counted"). Searched outside math only. Verification words alone ("let me
+# check") are not here: a check that confirms keeps the answer.
+_RETRACT = re.compile(
+    r"(?i)\b(?:wait|actually|hmm+|oops|nope|no(?=\s*[,.:;!—–-]|\s+wait\b)|wrong|incorrect|mistaken|mistakes?|errors?|"
+    r"erroneous|should\s+(?:be|have\s+been|read)|instead|on\s+second\s+thought|on\s+reflection|upon\s+reflection|"
+    r"however|correction|correcting|redo|redoing|recompute|recomputing|recalculat\w*|reconsider\w*|re-?evaluat\w*|"
+    r"not\s+(?:right|correct|quite)|isn[’']?t\s+(?:right|correct)|doesn[’']?t\s+(?:work|match|fit|hold)|"
+    r"contradict\w*|ignores?|ignoring|double[\s-]count\w*|over-?count\w*|under-?count\w*|forgot|missed|"
+    r"miscount\w*|miscalculat\w*|typo|scratch\s+that|hold\s+on|not\s+final)\b")
+# A qualifier right after the value, in its sentence: "204 (if we ignore the shop)", "204 (approximately; exact
+# value 204.5)", "204 minus the 24 minutes, i.e., 180", "(B) is incorrect": the value is not the committed answer.
+_QUALIFIED = re.compile(
+    r"(?i)\A[\s$*_)\]}]*(?:[(,;:—–]\s*|-\s+)*\(?\s*(?:if|unless|assuming|provided|approx\w*|roughly|about|around|"
+    r"nearly|almost|rounded|ignoring|excluding|without|not\s+counting|minus|plus|times|less|more\s+than|divided|"
+    r"exact\w*|i\.e\.|that\s+is\b|(?:is|was|seems|looks)\s+(?:not\b|incorrect|wrong|false|ruled|eliminated|out\b)|"
+    r"isn[’']?t\b|can[’']?t\b|cannot\b)")
+_TRAILING_VALUE = re.compile(
+    r"(\$\$[^$]+\$\$|\$[^$]+\$|\\\(.+?\\\)|\\\[.+?\\\]|\*\*[^*\n]+\*\*|[-+]?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?)"
+    r"(?:\s+[A-Za-z]+){0,3}[\s.!)\]*]*\Z", re.DOTALL)
+
+
+def _retracted(after: str) -> bool:
+    """The text after an answer (from the end of its value) takes it back: a question mark on the answer's sentence,
+    a qualifier right after the value, or a retraction word anywhere after it (:data:`_RETRACT`)."""
+    return bool(re.match(r"[\s$*_)\]}.]*\?", after) or _QUALIFIED.match(after) or _RETRACT.search(_mask_math(after)))
+
+
+def _trailing_value(after: str) -> Reading | None:
+    """The value a retraction ends on ("... Actually no, it's 228.", "... we subtract 1 to get 203."): the value
+    that ends the last sentence (at most three words such as a unit after it); None when there is none, when that
+    sentence hedges or asks, or when the value is the tail of an expression ("2 + 3.")."""
+    t = after.rstrip()
+    masked = _mask_math(t)
+    cuts = [m.end() for m in re.finditer(r"[.!?;](?=\s)|\n|(?<=[a-z]):\s", masked)]
+    last = t[cuts[-1]:] if cuts else t
+    last_masked = masked[len(t) - len(last):]
+    if not last.strip() or _HEDGE.search(last_masked) or "?" in last_masked or _RETRACT.search(last_masked) and \
+            not re.search(r"[\d$]", last):
+        return None
+    m = _TRAILING_VALUE.search(last)
+    if not m:
+        return None
+    before = last[:m.start()].rstrip()
+    if before and before[-1] in "+-*/^×":
+        return None
+    value = m.group(1).strip("*").strip()
+    boxes = final_box_group(value)
+    if boxes:
+        return _box_reading(boxes[2])
+    parsed = parse_statement(value)
+    return Reading(_written(parsed, value), parsed, "correction") if parsed else None
+
+
+def _value_end(region: str, eol: int, body: str, reading: Reading) -> int:
+    """Where, in ``region``, the value of the statement ``body`` (which ends at ``eol``) ends; ``eol`` if unknown."""
+    start = max(0, eol - len(body))
+    if region[start:eol] != body:
+        return eol
+    group = final_box_group(body)
+    if group:
+        return start + group[1]
+    for value in (reading.text, statement_value_text(body)):
+        if not value:
+            continue
+        i = body.find(value)
+        if i >= 0:
+            return start + i + len(value)
+    return eol
+
+
+def _past_math(region: str, end: int) -> int:
+    """``end`` moved past the closing delimiter of the math span it lies in (``$\boxed{3}$.``: after the ``$``)."""
+    before = region[:end]
+    if (before.count("$") - before.count("\\$")) % 2:
+        j = region.find("$", end)
+        return end if j < 0 else j + (2 if region.startswith("$$", j) else 1)
+    for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
+        if before.rfind(opener) > before.rfind(closer):
+            j = region.find(closer, end)
+            return end if j < 0 else j + 2
+    return end
+
+
+def _committed(region: str, reading: Reading | None, end: int) -> Reading | None:
+    """The reading, unless the text after it takes it back; then the value the retraction ends on, or None."""
+    if reading is None:
+        return None
+    after = region[_past_math(region, end):]
+    if not _retracted(after):
+        return reading
+    return _trailing_value(after)
+
+
 def final_math_answer(region: str, allow_fallback: bool = True) -> Reading | None:
-    """The final answer of a region (rules 3-5), or None."""
-    region = blank_negations(region)
+    """The final answer of a region (rules 3-6), or None: the last committed value (rule 6, :func:`_committed`)."""
+    region = blank_negations(normalise_unicode(region))
     group = final_box_group(region)
     box_end = group[1] if group else -1
     statements = [s for s in cue_statements(region) if s[0] >= box_end]
-    for start, _end, body in reversed(statements):
+    if statements and not statements[-1][2].strip(" \t*_:") and not region[statements[-1][1]:].strip():
+        return None  # the region ends on an empty "Answer:": the model never wrote its answer
+    for start, end, body in reversed(statements):
         reading = _statement_reading(body)
         if reading is not None:
-            return reading
+            return _committed(region, reading, _value_end(region, end, body, reading))
         if _HEDGE.search(_mask_math(_strip_statement(body))) and statement_value_text(body) is None:
             return None  # the last statement hedges between answers: nothing is read
     if group:
-        return _box_reading(group[2])
+        return _committed(region, _box_reading(group[2]), group[1])
     if allow_fallback:
         return _final_statement(region)
     return None
@@ -683,9 +906,9 @@ def _choice_letter(answer: str | None, choices: list[str] | None) -> str | None:
         if lead:
             # math-verify's own string extraction must agree on the letter (StringExtractionConfig)
             mv = _mv()
-            got = mv.parse("Answer: " + re.sub(r"[\(\)\[\]]", " ", head), [
+            got = mv_parse("Answer: " + re.sub(r"[\(\)\[\]]", " ", head), [
                 mv.StringExtractionConfig(strings=tuple(_LETTERS), try_extract_without_anchor=False,
-                                          lowercase=False)], parsing_timeout=5)
+                                          lowercase=False)])
             letter = lead.group(1) or lead.group(2)
             if got and got[0] == letter:
                 return letter
@@ -715,7 +938,7 @@ def _bare_letter_line(line: str, choices: list[str] | None) -> str | None:
 # "the correct option is (C)", "the best choice would be B", "I choose B"
 _CHOICE_CUE = re.compile(r"(?i:\b(?:correct|best|right|final|most\s+likely)\s+(?:choice|option|answer)\s+"
                          r"(?:is|would\s+be|"
-                         r"must\s+be|should\s+be)\b:?|\bI\s+(?:choose|pick|select|go\s+with)\b:?"
+                         r"must\s+be|should\s+be)\b:?|\bI(?:[’']d|[’']ll|\s+would|\s+will|\s+would\s+therefore)?\s+(?:choose|pick|select|go\s+with)\b:?"
                          r"|\b(?:thus|so|therefore|hence)\b,?(?=\s*\**[\(\[]?[A-D][\)\]]?\**\s*[.!]?\s*$)"
                          # "Wait, no. Looking again, B.": a lone letter after a comma/colon ends the line
                          r"|(?<=[a-z])[,:](?=\s*\**[\(\[]?[A-D][\)\]]?\**\s*[.!]?\s*$))", re.MULTILINE)
@@ -724,12 +947,34 @@ _IS_CORRECT = re.compile(r"(?:^|(?<=\s))(?i:option\s+|choice\s+)?[\(\[]?([A-D])[
                          r"(?i:correct|right|best)(?:\s+(?i:answer|choice|option))?\**\s*[.!]?\**\s*$", re.MULTILINE)
 
 
+# an option letter in the text after a retraction ("Hmm wait, actually it's C.", "corresponds to option B");
+# "A" followed by a lowercase word is the article
+_TAIL_LETTER = re.compile(r"[\(\[]([A-D])[\)\]]|\b(?i:option|choice)\s+([A-D])\b|(?<![A-Za-z'’\\])([A-D])"
+                          r"(?![A-Za-z'’\-])(?!\s+[a-z])")
+# "(B) is incorrect", "B is wrong", "not B": the letter is ruled out on its own line
+_RULED_OUT = re.compile(r"(?i)\A[\s*_)\]]*(?:is|was|seems|looks)\s+(?:not\b|incorrect|wrong|false|ruled|eliminated|out\b)"
+                        r"|\A[\s*_)\]]*(?:isn[’']?t|can[’']?t|cannot)\b")
+
+
+def _tail_choice(after: str) -> str | None:
+    """The one option letter named after the first retraction word of ``after``; None if none or several."""
+    masked = _mask_math(after)
+    m = _RETRACT.search(masked) or re.match(r"[\s*_)\]}.]*\?", masked)
+    rest = masked[m.end():] if m else masked
+    letters = {next(g for g in t.groups() if g) for t in _TAIL_LETTER.finditer(rest)}
+    return letters.pop() if len(letters) == 1 else None
+
+
 def final_choice(region: str, choices: list[str] | None = None) -> str | None:
-    """The final option letter of a region, :data:`AMBIGUOUS`, or None (see the module docstring)."""
+    """The final option letter of a region, :data:`AMBIGUOUS`, or None (see the module docstring).
+
+    The last candidate (box, answer statement, choice cue, "(B) is correct", option-only line) is read unless the
+    text after it takes it back (:func:`_retracted`); then the one letter named after the retraction, or None."""
+    region = normalise_unicode(region)
     whole = re.fullmatch(r"\s*\**\s*[\(\[]?([a-dA-D])[\)\]]?\.?\s*\**\s*", region)
     if whole:  # the whole reply is one letter, in either case ("c", "(C)")
         return whole.group(1).upper()
-    candidates: list[tuple[int, str]] = []
+    candidates: list[tuple[int, int, str]] = []  # (start, end of the letter's line or box, letter)
     region = blank_negations(region)
     group = final_box_group(region)
     if group:
@@ -737,37 +982,52 @@ def final_choice(region: str, choices: list[str] | None = None) -> str | None:
         if len(letters) == 1:
             letter = letters.pop()
             if letter is not None:
-                candidates.append((group[0], letter))
+                candidates.append((group[0], group[1], letter))
         elif letters - {None}:
-            candidates.append((group[0], AMBIGUOUS))
-    for start, _end, body in cue_statements(region):
+            candidates.append((group[0], group[1], AMBIGUOUS))
+    for start, end, body in cue_statements(region):
         boxes = final_box_group(body)
         letter = _choice_letter(boxes[2][-1] if boxes else body, choices)
         if letter is not None:
-            candidates.append((start, letter))
+            candidates.append((start, end, letter))
     for m in _CHOICE_CUE.finditer(region):
         if _conditional(region, m.start()):
             continue
         eol = region.find("\n", m.end())
-        letter = _choice_letter(region[m.end(): len(region) if eol < 0 else eol], choices)
+        eol = len(region) if eol < 0 else eol
+        letter = _choice_letter(region[m.end():eol], choices)
         if letter is not None:
-            candidates.append((m.start(), letter))
+            candidates.append((m.start(), eol, letter))
     for m in _IS_CORRECT.finditer(region):
-        candidates.append((m.start(), m.group(1)))
+        candidates.append((m.start(), m.end(), m.group(1)))
     pos = 0
-    bare: list[tuple[int, str, bool]] = []
+    bare: list[tuple[int, int, str, bool]] = []
     for line in region.split("\n"):
         letter = _bare_letter_line(line, choices)
         if letter is not None:
-            bare.append((pos, letter, bool(re.search(r"[A-D][\)\]\.:]\s+\S", line))))
+            bare.append((pos, pos + len(line), letter, bool(re.search(r"[A-D][\)\]\.:]\s+\S", line))))
         pos += len(line) + 1
     # "A) Helium" / "B) Neon" lines that restate the option list are no answer; one such line alone is
-    listed = {letter for _, letter, with_text in bare if with_text}
-    candidates += [(p, letter) for p, letter, with_text in bare if not (with_text and len(listed) > 1)]
+    listed = {letter for _, _, letter, with_text in bare if with_text}
+    candidates += [(p, e, letter) for p, e, letter, with_text in bare if not (with_text and len(listed) > 1)]
     if not candidates:
         return None
     candidates.sort(key=lambda c: c[0])
-    return candidates[-1][1]
+    start, end, letter = candidates[-1]
+    if letter == AMBIGUOUS:
+        return letter
+    # the letter's own statement may rule it out: "Answer: (B) is incorrect; the correct one is (D)."
+    line = region[start:end]
+    for m in re.finditer(r"[\(\[]?" + letter + r"\b[\)\]]?", line):
+        if _RULED_OUT.match(line[m.end():]):
+            return _tail_choice("no, " + line[m.end():] + region[end:])
+    # "D) Krypton is wrong because ...": another option ruled out takes nothing back
+    after = re.sub(r"(?<![A-Za-z])[\(\[]?(?!" + letter + r")[A-D][\)\]]?(?![A-Za-z'’])[^.\n]{0,80}?\b(?:is|are|was)"
+                   r"\s+(?:wrong|incorrect|not\s+(?:right|correct)|ruled\s+out|eliminated)\b",
+                   lambda m: " " * len(m.group(0)), region[end:])
+    if _retracted(after) or re.match(r"[\s*_)\]}.]*\?", line[-3:] + after):
+        return _tail_choice(after)
+    return letter
 
 
 def extract_choice(text: str, choices: list[str] | None = None) -> str | None:

@@ -27,12 +27,17 @@ from evals.extract import (
     final_math_answer,
     has_open_box,
     is_math_only,
+    mv_timeout,
     parse_latex_answer,
     split_reply,
+    time_budget,
 )
 
 ANSWERED, NO_ANSWER, TRUNCATED = "answered", "no_answer", "truncated"
 KINDS = ("aime", "math", "gpqa")
+# Total math-verify seconds one output may use (parse + compare; see :func:`evals.extract.time_budget`). Past it,
+# what is left reads as nothing. Typical outputs use a few milliseconds (docs/evals.md, "Cost").
+TIME_BUDGET_S = 10
 
 
 @dataclass(frozen=True)
@@ -65,13 +70,26 @@ def looks_truncated(output: str, gen_tokens: int | None = None, max_gen_toks: in
     if _looping(tail):
         return True  # a degenerate repetition loop runs until the token limit
     if not tail:
-        return False  # nothing after the last phase header: the model stopped there, it did not run out of tokens
+        # nothing after the last phase header: the model stopped there (at most a newline or two before its end
+        # token), unless it wrote only whitespace, which runs on until the token limit
+        return len(reply.region) >= 4
+    if _open_math(tail):
+        return True  # it stopped inside a "$ ..." / "\[ ..." span
     if re.search(r"(?:[.!?)\]}*$`\"'\u3002]|\\\]|\\\))\s*\Z", tail):
         return False  # a sentence end
     last_line = tail.split("\n")[-1]
     # a last line that is an answer statement ("Answer: B or C") or only a value ("204") is a finished reply
     value_line = is_math_only(last_line.strip("*_ ")) and not re.search(r"[-+*/=(,^_\\{]\s*\Z", last_line)
     return not (cue_statements(last_line) or value_line)
+
+
+def _open_math(text: str) -> bool:
+    """The text ends inside a math span: an odd number of unescaped ``$`` with no sentence end after the last one,
+    or a ``\[`` / ``\(`` never closed."""
+    last = text.rfind("$")
+    if last >= 0 and (text.count("$") - text.count("\\$")) % 2 and not re.search(r"[.!?]\s*\Z", text[last:]):
+        return True
+    return text.rfind("\\[") > text.rfind("\\]") or text.rfind("\\(") > text.rfind("\\)")
 
 
 def _looping(text: str, times: int = 4, longest: int = 400) -> bool:
@@ -146,7 +164,10 @@ def parsed_equal(gold: str, pred_parsed: tuple) -> bool:
         return False
     if unsolved_equation(pred_parsed) and not unsolved_equation(gold_p) and "=" not in str(gold):
         return False
-    return bool(_mv().verify(list(gold_p), list(pred_parsed), timeout_seconds=5))
+    timeout = mv_timeout()
+    if timeout is None:
+        return False  # the output's time budget is spent: not read as correct
+    return bool(_mv().verify(list(gold_p), list(pred_parsed), timeout_seconds=timeout))
 
 
 def math_equal(gold: str, pred: str | None) -> bool:
@@ -176,7 +197,12 @@ def as_integer(s: str | None) -> int | None:
         m = _INT_WRAPPERS.match(t)
         if m:
             t = m.group(1).strip()
-    t = t.replace("{,}", "").replace("\\,", "").replace("\\!", "").replace(" ", "")
+    t = t.replace("{,}", "").replace("\\,", "").replace("\\!", "").strip()
+    if re.fullmatch(r"[+-]?\d{1,3}(?: \d{3})+", t):  # "20 736"; "20 4" stays two numbers
+        t = t.replace(" ", "")
+    m = re.fullmatch(r"\((\d+)\)", t)  # "\textbf{(073)}": an AMC-style label around the integer
+    if m:
+        t = m.group(1)
     if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+", t):
         t = t.replace(",", "")
     if re.fullmatch(r"[+-]?\d+", t):
@@ -195,22 +221,64 @@ def _parsed_integer(parsed: tuple) -> int | None:
     return None
 
 
+def check_output(output) -> str:
+    """The model output as ``str`` (None reads as the empty output).
+
+    Raises:
+        TypeError: ``output`` is not text (bytes must be decoded by the caller: ``output.decode("utf-8")``).
+    """
+    if output is None:
+        return ""
+    if isinstance(output, (bytes, bytearray)):
+        raise TypeError("output must be str (the decoded model output), got bytes: decode it first, "
+                        "e.g. output.decode('utf-8')")
+    if not isinstance(output, str):
+        raise TypeError(f"output must be str (the model output), got {type(output).__name__}")
+    return output
+
+
+def check_gold(kind: str, gold, choices: list[str] | None = None) -> str:
+    """The gold answer as a stripped string, checked for ``kind``; an invalid gold is an error, never a silent 0.
+
+    Raises:
+        ValueError: the gold answer is None or empty; an AIME gold is not an integer; a GPQA gold is not one of the
+            letters A-D; GPQA ``choices`` are given but are not 4 option texts.
+    """
+    if gold is None or isinstance(gold, bool) or not str(gold).strip():
+        raise ValueError(f"gold answer ('answer' field) of a {kind} problem is empty ({gold!r}): the data row must "
+                         "hold its reference answer")
+    text = str(gold).strip()
+    if kind == "aime" and as_integer(text) is None:
+        raise ValueError(f"gold answer ('answer' field) of an AIME problem must be an integer, got {gold!r}")
+    if kind == "gpqa":
+        if text.upper() not in ("A", "B", "C", "D"):
+            raise ValueError(f"gold answer ('answer' field) of a GPQA problem must be the letter A-D of the correct "
+                             f"choice, got {gold!r}")
+        if choices is not None and len(choices) not in (0, 4):
+            raise ValueError(f"GPQA 'choices' must be the 4 option texts in A-D order, got {len(choices)}")
+        text = text.upper()
+    return text
+
+
 def score_aime(output: str, gold: str | int, *, gen_tokens: int | None = None,
                max_gen_toks: int | None = None) -> Verdict:
     """AIME: integer comparison (leading zeros ignored); a non-integer form (``\\frac{66}{2}``) goes through
-    math-verify. ``gen_tokens``/``max_gen_toks``: see :func:`looks_truncated`."""
-    region = _region(output, gen_tokens, max_gen_toks)
-    reading = final_math_answer(region, allow_fallback=not _known_truncated(gen_tokens, max_gen_toks)) \
-        if region is not None else None
-    if reading is None:
-        return _unread(output, gen_tokens, max_gen_toks)
-    gold_int = as_integer(str(gold))
-    pred_int = as_integer(reading.text)
-    if pred_int is None:
-        pred_int = _parsed_integer(reading.parsed)
-    if pred_int is not None and gold_int is not None:
-        return Verdict(str(pred_int), pred_int == gold_int, True)
-    return Verdict(reading.text, parsed_equal(str(gold), reading.parsed), True)
+    math-verify. ``gen_tokens``/``max_gen_toks``: see :func:`looks_truncated`. Raises as :func:`check_output` /
+    :func:`check_gold`."""
+    output, gold = check_output(output), check_gold("aime", gold)
+    with time_budget(TIME_BUDGET_S):
+        region = _region(output, gen_tokens, max_gen_toks)
+        reading = final_math_answer(region, allow_fallback=not _known_truncated(gen_tokens, max_gen_toks)) \
+            if region is not None else None
+        if reading is None:
+            return _unread(output, gen_tokens, max_gen_toks)
+        gold_int = as_integer(gold)
+        pred_int = as_integer(reading.text)
+        if pred_int is None:
+            pred_int = _parsed_integer(reading.parsed)
+        if pred_int is not None and gold_int is not None:
+            return Verdict(str(pred_int), pred_int == gold_int, True)
+        return Verdict(reading.text, parsed_equal(gold, reading.parsed), True)
 
 
 def _known_truncated(gen_tokens, max_gen_toks) -> bool:
@@ -219,35 +287,45 @@ def _known_truncated(gen_tokens, max_gen_toks) -> bool:
 
 def score_math(output: str, gold: str, *, gen_tokens: int | None = None, max_gen_toks: int | None = None) -> Verdict:
     """MATH500: math-verify equivalence of the answer read and the gold answer (percent, degree and unit signs
-    dropped on both sides)."""
-    region = _region(output, gen_tokens, max_gen_toks)
-    reading = final_math_answer(region, allow_fallback=not _known_truncated(gen_tokens, max_gen_toks)) \
-        if region is not None else None
-    if reading is None:
-        return _unread(output, gen_tokens, max_gen_toks)
-    return Verdict(reading.text, parsed_equal(gold, reading.parsed), True)
+    dropped on both sides). Raises as :func:`check_output` / :func:`check_gold`."""
+    output, gold = check_output(output), check_gold("math", gold)
+    with time_budget(TIME_BUDGET_S):
+        region = _region(output, gen_tokens, max_gen_toks)
+        reading = final_math_answer(region, allow_fallback=not _known_truncated(gen_tokens, max_gen_toks)) \
+            if region is not None else None
+        if reading is None:
+            return _unread(output, gen_tokens, max_gen_toks)
+        return Verdict(reading.text, parsed_equal(gold, reading.parsed), True)
 
 
 def score_gpqa(output: str, gold_letter: str, choices: list[str] | None = None, *, gen_tokens: int | None = None,
                max_gen_toks: int | None = None) -> Verdict:
-    """GPQA: letter A-D; an unreadable or ambiguous answer is never given a default letter."""
-    region = _region(output, gen_tokens, max_gen_toks)
-    letter = final_choice(region, choices) if region is not None else None
-    if letter is None or letter == AMBIGUOUS:
-        return _unread(output, gen_tokens, max_gen_toks)
-    return Verdict(letter, letter == gold_letter.strip().upper(), True)
+    """GPQA: letter A-D; an unreadable or ambiguous answer is never given a default letter. Raises as
+    :func:`check_output` / :func:`check_gold`."""
+    output, gold_letter = check_output(output), check_gold("gpqa", gold_letter, choices)
+    with time_budget(TIME_BUDGET_S):
+        region = _region(output, gen_tokens, max_gen_toks)
+        letter = final_choice(region, choices or None) if region is not None else None
+        if letter is None or letter == AMBIGUOUS:
+            return _unread(output, gen_tokens, max_gen_toks)
+        return Verdict(letter, letter == gold_letter, True)
 
 
 def verify(kind: str, output: str, gold: str | int, *, choices: list[str] | None = None,
            gen_tokens: int | None = None, max_gen_toks: int | None = None) -> Verdict:
     """One entry point: ``kind`` is ``aime``, ``math`` or ``gpqa`` (gold: the letter; ``choices``: the option texts
-    in A-D order, optional)."""
+    in A-D order, optional).
+
+    Raises:
+        ValueError: unknown ``kind``, or an invalid gold answer (:func:`check_gold`).
+        TypeError: ``output`` is not a str (:func:`check_output`).
+    """
     if kind == "aime":
         return score_aime(output, gold, gen_tokens=gen_tokens, max_gen_toks=max_gen_toks)
     if kind == "math":
-        return score_math(output, str(gold), gen_tokens=gen_tokens, max_gen_toks=max_gen_toks)
+        return score_math(output, gold, gen_tokens=gen_tokens, max_gen_toks=max_gen_toks)
     if kind == "gpqa":
-        return score_gpqa(output, str(gold), choices, gen_tokens=gen_tokens, max_gen_toks=max_gen_toks)
+        return score_gpqa(output, gold, choices, gen_tokens=gen_tokens, max_gen_toks=max_gen_toks)
     raise ValueError(f"verify: kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 

@@ -57,25 +57,34 @@ def keep_all(resps, docs):
     return [list(r) for r in resps]
 
 
-def _outputs(results) -> list[str]:
-    # with keep_all, lm-eval passes [[out_1, ..., out_k]]; a plain [out] (default filter) is accepted too
+def _outputs(results) -> list:
+    # with keep_all, lm-eval passes [[out_1, ..., out_k]]; a plain [out] (default filter) is accepted too. Outputs
+    # are passed on as they are: evals.scoring.check_output rejects anything that is not text.
     if results and isinstance(results[0], (list, tuple)):
-        return [str(r) for r in results[0]]
-    return [str(r) for r in results]
+        return list(results[0])
+    return list(results)
+
+
+def _scored(kind: str, doc, results, score) -> dict[str, float]:
+    """The metrics of one problem; an invalid gold answer or output is re-raised naming the problem's id."""
+    try:
+        verdicts = [score(r) for r in _outputs(results)]
+        return sample_metrics(kind, verdicts, doc["answer"])
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{kind} problem id={doc.get('id', '?')!r}: {e}") from e
 
 
 def process_aime(doc, results):
-    return sample_metrics("aime", [score_aime(r, doc["answer"]) for r in _outputs(results)], doc["answer"])
+    return _scored("aime", doc, results, lambda r: score_aime(r, doc["answer"]))
 
 
 def process_math(doc, results):
-    return sample_metrics("math", [score_math(r, doc["answer"]) for r in _outputs(results)], doc["answer"])
+    return _scored("math", doc, results, lambda r: score_math(r, doc["answer"]))
 
 
 def process_gpqa(doc, results):
-    choices = list(doc.get("choices") or [])
-    verdicts = [score_gpqa(r, doc["answer"], choices) for r in _outputs(results)]
-    return sample_metrics("gpqa", verdicts, doc["answer"])
+    choices = list(doc.get("choices") or []) or None
+    return _scored("gpqa", doc, results, lambda r: score_gpqa(r, doc["answer"], choices))
 
 
 def total(items):
