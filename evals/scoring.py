@@ -97,7 +97,8 @@ def _looping(text: str, times: int = 4, longest: int = 400) -> bool:
     last 12 non-empty lines hold at most 3 distinct ones."""
     for period in range(1, min(longest, len(text) // times) + 1):
         chunk = text[-period:]
-        if text.endswith(chunk * times) and len(chunk.strip()) > 0 and period * times >= 40:
+        # (closing brackets alone are the end of a nested expression, not a loop)
+        if text.endswith(chunk * times) and chunk.strip(" \n})]") and period * times >= 40:
             return True
     lines = [ln.strip() for ln in text.split("\n") if ln.strip()][-12:]
     return len(lines) == 12 and len(set(lines)) <= 3
@@ -245,7 +246,7 @@ def check_gold(kind: str, gold, choices: list[str] | None = None) -> str:
             letters A-D; GPQA ``choices`` are given but are not 4 option texts.
     """
     if gold is None or isinstance(gold, bool) or not str(gold).strip():
-        raise ValueError(f"gold answer ('answer' field) of a {kind} problem is empty ({gold!r}): the data row must "
+        raise ValueError(f"gold answer ('answer' field) is empty ({gold!r}) for kind {kind!r}: the data row must "
                          "hold its reference answer")
     text = str(gold).strip()
     if kind == "aime" and as_integer(text) is None:

@@ -73,6 +73,8 @@ Features (config key → what it does):
   counts the rows (per cause) and steps not trained on.
 - ``output_dir`` is locked (``iwsft_run.lock``, ``flock`` by rank 0, names host and pid) for the run's lifetime;
   a second run into it stops at start-up; the stale lock of a dead process is taken over with a warning.
+  SIGTERM (forwarded by torchrun) and SIGINT unwind the run: ``run_summary.json`` says how it ended and the lock
+  is released.
 - ``optimizer``, ``lr_scheduler`` (any torchtune/torch component); ``warmup_ratio`` (optional) overrides the
   scheduler's ``num_warmup_steps`` with ``ceil(warmup_ratio × total optimizer steps)``.
 - Data: ``dataset`` (one dataset component whose samples carry ``sample_id``, e.g.
@@ -96,13 +98,17 @@ Features (config key → what it does):
 - ``resume_from_checkpoint: true``: continues from the last intermediate epoch in ``output_dir`` (weights or
   adapter of that epoch, optimizer, lr schedule, sampler epoch, reference cache) so the loss curve continues;
   it refuses an epoch directory without ``CHECKPOINT_COMPLETE``, a file whose size or sha256 differs from the
-  marker, and an unreadable ``recipe_state.pt`` or reference cache (naming the file). A fresh run recomputes an
-  unreadable reference cache with a warning. Resuming is at epoch granularity.
+  marker, an unreadable ``recipe_state.pt`` or reference cache (naming the file), and a config whose
+  ``RESUME_KEYS`` (data order, objective, world size) differ from the ones recorded in ``recipe_state.pt``
+  (listed ``key: old → new``; ``resume_allow_config_change: true`` only warns). A fresh run recomputes an
+  unreadable reference cache with a warning, and moves an earlier run's ``epoch_*/`` and ``recipe_state/`` into
+  ``output_dir/previous_run_<UTC time>/``. Resuming is at epoch granularity.
 - ``compile``: ``torch.compile`` of the model's layers. ``seed``, ``max_steps_per_epoch``, ``epochs``, ``dtype``
   (``bf16`` | ``fp32``).
 
-The configuration is validated (``validate_config``) before any process group or model is created, and every
-error says which key to change.
+The configuration is validated (``validate_config``: unknown keys in ``weighting``/``reference``/``quality`` with a
+"did you mean", numbers given as strings) and ``checkpoint_dir`` checked before any process group or model is
+created, and every error says which key to change.
 """
 
 from __future__ import annotations
@@ -114,6 +120,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -155,6 +162,8 @@ ADAPTER_SUBDIR = "adapter"  # LoRA: epoch_N/adapter/{adapter_model.safetensors, 
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"  # written last into epoch_N/: without it the save of that epoch never finished
 RECIPE_STATE = Path("recipe_state") / "recipe_state.pt"  # under output_dir, where torchtune's checkpointer reads it
 LOCK_NAME = "iwsft_run.lock"  # output_dir/iwsft_run.lock: held (flock) by rank 0 for the run's lifetime
+README_STOP_SECTION = "Reliability: what is refused, recomputed, skipped; stopping and resuming"  # README heading
+TRAIN_CONFIG_KEY = "iwsft_training_config"  # recipe_state.pt: training_config() of the run that wrote it
 SUMMARY_NAME = "run_summary.json"  # output_dir/run_summary.json: rows and steps not trained on, per cause
 REDUCTIONS = ("token", "sequence")
 # HF layouts without the Llama RoPE row permutation: torchtune 0.6.1 still permutes q/k lora_B for the PEFT adapter
@@ -170,15 +179,67 @@ def _is_lora_cfg(cfg_model) -> bool:
     return cfg_model is not None and ("lora_attn_modules" in cfg_model or "lora_rank" in cfg_model)
 
 
+# The keys the recipe reads in its own (non-`_component_`) sections. A key outside these lists is a typo that would
+# otherwise be ignored silently (`weighting.temprature=2` trains at temperature 1): validate_config refuses it.
+# `_component_` sections (model, loss, optimizer, ...) need no list: their keys are constructor kwargs, which fail.
+RECIPE_SECTION_KEYS = {
+    "weighting": ("level", "temperature", "clip_min", "clip_max", "normalize", "q", "ema_decay"),
+    "reference": ("strategy", "batch_size", "cache_path"),
+    "quality": ("use",),
+}
+
+
+def unknown_section_keys(cfg: DictConfig) -> List[str]:
+    """One message per key of ``weighting``/``reference``/``quality`` the recipe does not read, with the closest
+    known key (``difflib``) as a suggestion."""
+    import difflib
+
+    errors = []
+    for section, known in RECIPE_SECTION_KEYS.items():
+        sec = cfg.get(section, None)
+        if sec is None:
+            continue
+        if not isinstance(sec, (DictConfig, dict)):
+            errors.append(f"`{section}` must be a mapping of keys ({', '.join(known)}), got {sec!r}.")
+            continue
+        for key in sec.keys():
+            if key in known:
+                continue
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"did you mean {section}.{close[0]}?" if close else f"known keys: {', '.join(known)}."
+            errors.append(f"unknown key {section}.{key}: {hint}")
+    return errors
+
+
+def _number(section: str, key: str, value, allow_null: bool):
+    """A config number: ints, floats and numeric strings (the command line gives `inf`, `1e3` as strings).
+
+    Raises ``ValueError`` naming ``section.key`` for anything else (booleans included)."""
+    if value is None and allow_null:
+        return None
+    if not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    kinds = "a number or null" if allow_null else "a number"
+    raise ValueError(f"{section}.{key}={value!r} must be {kinds} (e.g. {section}.{key}=16).")
+
+
 def weighting_config(cfg: DictConfig) -> "iwsft.WeightingConfig":
-    """``cfg.weighting`` → ``iwsft.WeightingConfig`` (missing keys take the authors' LLM defaults)."""
+    """``cfg.weighting`` → ``iwsft.WeightingConfig`` (missing keys take the authors' LLM defaults).
+
+    ``clip_min``/``clip_max``/``temperature`` accept numeric strings (``weighting.clip_max=inf`` arrives as the
+    string ``"inf"``); ``clip_max: inf`` means no upper clip, like ``null``. Raises ``ValueError`` naming the key.
+    """
     w = cfg.get("weighting", None) or {}
     base = iwsft.WeightingConfig.llm()
+    clip_max = _number("weighting", "clip_max", w.get("clip_max", base.clip_max), allow_null=True)
     return iwsft.WeightingConfig(
         level=w.get("level", base.level),
-        temperature=float(w.get("temperature", base.temperature)),
-        clip_min=w.get("clip_min", base.clip_min),
-        clip_max=w.get("clip_max", base.clip_max),
+        temperature=_number("weighting", "temperature", w.get("temperature", base.temperature), allow_null=False),
+        clip_min=_number("weighting", "clip_min", w.get("clip_min", base.clip_min), allow_null=True),
+        clip_max=None if clip_max == math.inf else clip_max,
         normalize=bool(w.get("normalize", base.normalize)),
     )
 
@@ -189,6 +250,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("model", "tokenizer", "checkpointer", "dataset", "optimizer", "output_dir"):
         if cfg.get(key, None) is None:
             errors.append(f"missing required key `{key}`.")
+    errors += unknown_section_keys(cfg)
     method = cfg.get("method", "iwsft")
     if method not in METHODS:
         errors.append(f"method={method!r}: use one of {METHODS} (sft = same recipe with weights ≡ 1).")
@@ -204,7 +266,7 @@ def validate_config(cfg: DictConfig) -> None:
     try:
         wcfg = weighting_config(cfg)
         if method == "iwsft" and wcfg.clip_max is None and not wcfg.normalize:
-            errors.append("weighting.clip_max=null needs weighting.normalize=true: an unclipped weight "
+            errors.append("weighting.clip_max=null (or inf) needs weighting.normalize=true: an unclipped weight "
                           "exp(temperature · log-ratio) overflows to inf (then NaN) as the model moves away from "
                           "p_ref; normalised weights are formed in log space and cannot. Set a finite "
                           "weighting.clip_max (the authors: 16) or weighting.normalize=true.")
@@ -284,6 +346,76 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError("invalid iwsft_distributed config:\n  - " + "\n  - ".join(errors))
 
 
+def check_checkpoint_dir(cfg: DictConfig) -> None:
+    """The starting weights must be on disk before any process group or model is created.
+
+    Raises ``FileNotFoundError`` naming ``checkpoint_dir`` (the configs' top-level key, which
+    ``checkpointer.checkpoint_dir`` and the tokenizer paths interpolate) and how to get the files, instead of the
+    checkpointer's bare ``FileNotFoundError`` for ``config.json``.
+    """
+    ck = cfg.get("checkpointer", None)
+    if ck is None or ck.get("checkpoint_dir", None) is None:
+        return
+    ckpt_dir = Path(str(ck.checkpoint_dir)).expanduser()
+    fix = ("set checkpoint_dir=<HF model dir> on the command line, or download the weights first, e.g. "
+           f"`tune download Qwen/Qwen2.5-32B-Instruct --output-dir {ckpt_dir}` (README 'Fine-tuning LLMs with "
+           "torchtune'); for the tiny CPU configs `python -m iwsft.tiny --out DIR` writes DIR/model.")
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint_dir={ckpt_dir} (checkpointer.checkpoint_dir) does not exist: {fix}")
+    missing = [] if (ckpt_dir / "config.json").is_file() else ["config.json"]
+    files = ck.get("checkpoint_files", None)
+    if isinstance(files, (ListConfig, list)):
+        missing += [str(f) for f in files if not (ckpt_dir / str(f)).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint_dir={ckpt_dir} (checkpointer.checkpoint_dir) lacks {', '.join(missing)}: "
+                                f"it is not a complete HF model directory; {fix}")
+
+
+# Keys whose change alters the data order or the objective: a resume with any of them changed would continue a
+# different run on the old one's optimizer state and sampler position, so it is refused (see check_resume_config).
+RESUME_KEYS = ("method", "batch_size", "gradient_accumulation_steps", "seed", "shuffle", "dataset", "collate_fn",
+               "weighting", "reference.strategy", "quality", "loss.reduction", "world_size")
+
+
+def training_config(cfg: DictConfig, world_size: int) -> Dict[str, Any]:
+    """The training-relevant part of the config (``RESUME_KEYS``, resolved, plain JSON-able values), recorded in
+    ``recipe_state.pt`` so a resume can tell whether it continues the same run."""
+    out: Dict[str, Any] = {"world_size": world_size}
+    for key in RESUME_KEYS:
+        if key == "world_size":
+            continue
+        val = OmegaConf.select(cfg, key, default=None)
+        out[key] = OmegaConf.to_container(val, resolve=True) if isinstance(val, (DictConfig, ListConfig)) else val
+    return out
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
+    """``["key: old → new", ...]`` for every leaf that differs between two recorded training configs."""
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, None), new.get(key, None)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, prefix=f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return changes
+
+
+def _exc_summary(exc: BaseException, limit: int = 300) -> str:
+    """``"TypeName: first sentence of the message"``: library errors (torch.load) can run to many lines; keep the
+    first line, up to its first sentence end, and never cut inside a word (``...`` marks a cut)."""
+    text = " ".join(str(exc).strip().splitlines()[:1]).strip()
+    for end in (". ", "; "):
+        if end in text:
+            text = text[: text.index(end) + 1]
+            break
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(",;:.") + " ..."
+    else:
+        text = text.rstrip(".")  # the caller's sentence goes on after it
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _ensure_process_env() -> None:
     """`tune run` without --nproc_per_node runs the recipe in-process with no torchrun env: fake a 1-rank world."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -319,7 +451,7 @@ class OutputDirLock:
             raise RuntimeError(
                 f"output_dir {output_dir} is in use by another run ({holder}; lock file {self.path}). Two runs "
                 "writing one output_dir corrupt each other's checkpoints: wait until it ends, stop it "
-                "(kill -TERM that pid; see README 'Stopping and resuming'), or choose another output_dir.") from None
+                f"(kill -TERM that pid; see README '{README_STOP_SECTION}'), or choose another output_dir.") from None
         f.seek(0)
         previous = f.read().strip()
         if previous:
@@ -420,6 +552,7 @@ class IWSFTRecipeDistributed:
 
     def __init__(self, cfg: DictConfig) -> None:
         validate_config(cfg)
+        check_checkpoint_dir(cfg)
         self._device = utils.get_device(device=cfg.device)
         self._dtype = training.get_dtype(cfg.get("dtype", "bf16"), device=self._device)
         _ensure_process_env()
@@ -429,6 +562,8 @@ class IWSFTRecipeDistributed:
             dist.init_process_group(backend)
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
+        self._train_cfg = training_config(cfg, self.world_size)  # recorded in recipe_state.pt, checked on resume
+        self._allow_config_change = bool(cfg.get("resume_allow_config_change", False))
         # One run per output_dir: rank 0 holds the lock until cleanup (or until it dies); every rank stops if it
         # cannot be taken (a broadcast, so no rank waits at a later collective).
         self._lock = None
@@ -462,6 +597,7 @@ class IWSFTRecipeDistributed:
         self._skip_nonfinite = int(cfg.get("skip_nonfinite_steps", 0))
         self._model_type = str(cfg.checkpointer.get("model_type", ""))
         self.skipped = {"no_label_tokens": 0, "non_finite": 0}  # optimizer steps not taken, per cause
+        self.summary_written = False  # recipe_main writes one for a run that ends by a signal or an error
         self._batch_size = cfg.batch_size
         self.seed = training.set_seed(seed=cfg.get("seed", None))
         self.epochs_run = 0
@@ -484,12 +620,8 @@ class IWSFTRecipeDistributed:
             training.load_from_full_optimizer_state_dict(self._model, self._optimizer, ckpt_dict[training.OPT_KEY],
                                                          self._device)
             self._restore_recipe_state(ckpt_dict)
-        elif self._is_rank_zero and (self._output_dir / RECIPE_STATE).is_file():
-            # A fresh run in an output_dir that holds another run's resume state: set that state aside (renamed,
-            # not deleted) so that resuming after a crash of *this* run can never continue the other one.
-            previous = (self._output_dir / RECIPE_STATE).with_suffix(".pt.previous_run")
-            os.replace(self._output_dir / RECIPE_STATE, previous)
-            log.warning(f"resume_from_checkpoint=false: moved an earlier run's resume state to {previous}.")
+        elif self._is_rank_zero:
+            self._set_aside_previous_run(Path(cfg.checkpointer.checkpoint_dir))
 
         self._loss_fn = config.instantiate(cfg.get("loss", None) or {"_component_": "iwsft.ChunkedWeightedNLL"})
         self._ignore_index = getattr(self._loss_fn, "ignore_index", IGNORE_INDEX)
@@ -553,6 +685,31 @@ class IWSFTRecipeDistributed:
         del ckpt_dict
         dist.barrier()
 
+    def _set_aside_previous_run(self, checkpoint_dir: Path) -> None:
+        """A fresh run into an ``output_dir`` that holds an earlier run's ``epoch_*/`` and ``recipe_state.pt``
+        moves them (renamed, never deleted) into ``output_dir/previous_run_<UTC time>/``: this run's epochs are
+        never mixed with the earlier run's, and resuming after a crash of *this* run can never continue the other
+        one. The reference cache and logs stay (the cache is keyed; a stale one is recomputed). An epoch directory
+        the run's own ``checkpoint_dir`` lies in is left in place (the starting weights are read from it)."""
+        start = checkpoint_dir.resolve()
+        old = [p for p in sorted(self._output_dir.glob("epoch_*")) if p.is_dir()
+               and not (start == p.resolve() or p.resolve() in start.parents)]
+        if (self._output_dir / RECIPE_STATE).is_file():
+            old.append(self._output_dir / RECIPE_STATE.parent)
+        if not old:
+            return
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        dest = self._output_dir / f"previous_run_{stamp}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self._output_dir / f"previous_run_{stamp}_{n}"
+        dest.mkdir()
+        for p in old:
+            os.replace(p, dest / p.name)
+        log.warning(f"resume_from_checkpoint=false into a used output_dir: moved the earlier run's "
+                    f"{', '.join(p.name for p in old)} to {dest} (delete it when no longer needed).")
+
     def _resume_epoch_dir(self) -> Path:
         """Rank 0 checks the resume state and the epoch's files (sizes, sha256); every rank gets the verdict."""
         box: List[Any] = [None, None]
@@ -576,9 +733,23 @@ class IWSFTRecipeDistributed:
             epochs = int(state[training.EPOCHS_KEY])
         except Exception as exc:  # torch.load raises OSError/RuntimeError/UnpicklingError/EOFError on damage
             raise RuntimeError(
-                f"resume state {state_path} is unreadable ({type(exc).__name__}: {str(exc)[:200]}): the file is "
-                "damaged (truncated or overwritten). Restore it from a copy of output_dir, or start afresh with "
-                "resume_from_checkpoint=false (the damaged file is then set aside).") from None
+                f"resume state {state_path} is unreadable: the file is damaged (truncated or overwritten after it "
+                f"was saved), so torch.load fails ({_exc_summary(exc)}). Restore it from a copy of output_dir, or "
+                "start afresh with resume_from_checkpoint=false (the damaged file is then set aside).") from None
+        recorded = state.get(TRAIN_CONFIG_KEY, None)
+        changes = config_changes(recorded, self._train_cfg) if recorded is not None else []
+        if recorded is None:
+            log.warning(f"{state_path} was written without its run's config (an older recipe): cannot check that "
+                        "this resume uses the same data order and objective.")
+        elif changes and self._allow_config_change:
+            log.warning("RESUMING WITH A CHANGED TRAINING CONFIG (resume_allow_config_change=true); the data order "
+                        "or the objective differ from the run that wrote the state: " + "; ".join(changes))
+        elif changes:
+            raise RuntimeError(
+                f"resume_from_checkpoint=true with a config that changes the data order or the objective of the run "
+                f"that wrote {state_path}: {'; '.join(changes)}. Resume with the original values, start afresh "
+                "(resume_from_checkpoint=false, ideally a new output_dir), or set resume_allow_config_change=true "
+                "to continue anyway.")
         epoch_dir = self._output_dir / f"epoch_{epochs - 1}"
         if not epoch_dir.is_dir():
             raise FileNotFoundError(f"{state_path} says {state[training.EPOCHS_KEY]} epochs ran but {epoch_dir} "
@@ -774,7 +945,7 @@ class IWSFTRecipeDistributed:
             except ValueError as exc:
                 utils.log_rank_zero(log, f"Reference cache {self._cache_path} is stale ({exc}): recomputing.")
             except Exception as exc:  # truncated/garbage file: torch.load's errors name no file
-                unreadable = f"{type(exc).__name__}: {str(exc)[:200]}"
+                unreadable = _exc_summary(exc)
                 if self._resume and not self._is_lora:
                     raise RuntimeError(
                         f"reference cache {self._cache_path} is unreadable ({unreadable}): it is damaged. Resuming "
@@ -931,10 +1102,10 @@ class IWSFTRecipeDistributed:
                             skip = "non_finite"
                 if skip is not None:  # the step keeps its place in the lr schedule; nothing is logged as a loss
                     self._optimizer.zero_grad(set_to_none=True)
-                    self.skipped[skip] += 1
-                    if skip == "non_finite":
+                    if skip == "non_finite":  # counted as skipped only if allowed; otherwise it stops the run
                         self._handle_nonfinite(epoch, step_ids, step_flags, bad, grad_norm)
                     else:
+                        self.skipped[skip] += 1
                         utils.log_rank_zero(log, f"step {self.global_step + 1}: no label tokens in the global batch "
                                                  f"(sample ids {_ids_str(step_ids)}): step skipped, not logged.")
                     self.global_step += 1
@@ -1015,22 +1186,32 @@ class IWSFTRecipeDistributed:
         ids = "; ".join(f"rank {r}: {g}" for r, g in enumerate(gathered))
         msg = (f"non-finite {', '.join(what) or 'loss'} at optimizer step {self.global_step + 1} (epoch {epoch}); "
                f"sample ids of the micro-batch(es): {ids}. Likely cause: {hint}.")
-        if self.skipped["non_finite"] <= self._skip_nonfinite:
+        if self.skipped["non_finite"] < self._skip_nonfinite:
+            self.skipped["non_finite"] += 1
             utils.log_rank_zero(log, f"{msg} Step skipped ({self.skipped['non_finite']} of at most "
                                      f"skip_nonfinite_steps={self._skip_nonfinite}).")
             return
-        self.write_summary(f"stopped: non-finite values at optimizer step {self.global_step + 1}")
+        # the step that stops the run is its stop cause, not a skipped step
+        self.write_summary(f"stopped: non-finite values at optimizer step {self.global_step + 1}",
+                           stop={"cause": "non_finite", "step": self.global_step + 1, "epoch": epoch,
+                                 "values": what, "sample_ids": ids})
         raise RuntimeError(f"{msg} Training stopped before the optimizer step; no checkpoint was written after it "
                            "(set skip_nonfinite_steps=N to skip up to N such steps instead).")
 
-    def write_summary(self, status: str) -> None:
-        """Rank 0 writes ``output_dir/run_summary.json`` (and logs it): rows and steps not trained on, per cause."""
+    def write_summary(self, status: str, stop: Optional[Dict[str, Any]] = None) -> None:
+        """Rank 0 writes ``output_dir/run_summary.json`` (and logs it): rows and steps not trained on, per cause,
+        and ``stop`` (cause, step, ...) when the run did not complete. Safe to call at any point after the lock
+        was taken (a signal may arrive during setup)."""
+        self.summary_written = True
         if not self._is_rank_zero:
             return
-        ds = self._dataset.drop_counts() if hasattr(self._dataset, "drop_counts") else None
+        dataset = getattr(self, "_dataset", None)
+        ds = dataset.drop_counts() if hasattr(dataset, "drop_counts") else None
         summary = {"status": status, "epochs_run": self.epochs_run, "global_step": self.global_step,
                    "steps_skipped": dict(self.skipped), "dataset_rows": ds,
-                   "loss_reduction": getattr(self._loss_fn, "reduction", "token")}
+                   "loss_reduction": getattr(getattr(self, "_loss_fn", None), "reduction", "token")}
+        if stop is not None:
+            summary["stop"] = stop
         _atomic_write(self._output_dir / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
         log.info(f"Run summary ({self._output_dir / SUMMARY_NAME}): {json.dumps(summary)}")
 
@@ -1089,7 +1270,7 @@ class IWSFTRecipeDistributed:
             if intermediate:
                 state = {training.OPT_KEY: opt_sd, training.SEED_KEY: self.seed,
                          training.EPOCHS_KEY: self.epochs_run, training.TOTAL_EPOCHS_KEY: self.total_epochs,
-                         training.MAX_STEPS_KEY: self.max_steps_per_epoch}
+                         training.MAX_STEPS_KEY: self.max_steps_per_epoch, TRAIN_CONFIG_KEY: self._train_cfg}
                 _atomic_write(self._output_dir / RECIPE_STATE, lambda tmp: torch.save(state, tmp))
             log.info(f"Checkpoint for epoch {epoch} saved to {epoch_dir} in {time.perf_counter() - start:.1f}s"
                      + (f" (resume state: {self._output_dir / RECIPE_STATE})" if intermediate else ""))
@@ -1184,16 +1365,52 @@ def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[:k] for o, k in zip(out, sizes)])
 
 
+class RunStopped(BaseException):
+    """Raised in the main thread by the SIGTERM handler (torchrun forwards SIGTERM/SIGINT to its workers), so the
+    run unwinds like an error: ``run_summary.json`` is written and the lock released."""
+
+
+_SIGNALS_RECEIVED: List[str] = []  # names of the signals this worker got (the first one raises RunStopped)
+
+
+def _note_signal(signum, frame) -> None:
+    _SIGNALS_RECEIVED.append(signal.Signals(signum).name)
+
+
+def _raise_run_stopped(signum, frame) -> None:
+    _note_signal(signum, frame)
+    if len(_SIGNALS_RECEIVED) == 1:
+        raise RunStopped(_SIGNALS_RECEIVED[0])
+
+
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     config.log_config(recipe_name="IWSFTRecipeDistributed", cfg=cfg)
-    recipe = IWSFTRecipeDistributed(cfg=cfg)
+    # SIGTERM: unwind (summary, lock) instead of dying on the spot. Python runs the handler between bytecodes, so
+    # a worker blocked in a collective handles it when the collective returns or fails (its peer got the signal
+    # too); torchrun SIGKILLs workers that have not exited within its grace period.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_run_stopped)
     try:
-        recipe.setup(cfg=cfg)
-        recipe.train()
-        recipe.cleanup()
-    finally:  # an error ends the run: free output_dir for the next one (a killed process frees it too: flock)
-        recipe.release_lock()
+        recipe = IWSFTRecipeDistributed(cfg=cfg)  # a refused lock raises here: nothing of the holder's is touched
+        try:
+            recipe.setup(cfg=cfg)
+            recipe.train()
+            recipe.cleanup()
+        except BaseException as exc:  # KeyboardInterrupt (SIGINT), RunStopped (SIGTERM), errors: say how it ended
+            # A signal that arrives now (e.g. after a peer's exit broke a collective first) must not interrupt
+            # the summary: only note it. The signal, if any, is the cause even when an error surfaced first.
+            signal.signal(signal.SIGTERM, _note_signal)
+            if not recipe.summary_written:
+                cause = (f"signal {_SIGNALS_RECEIVED[0]}" if _SIGNALS_RECEIVED else
+                         "signal SIGINT" if isinstance(exc, KeyboardInterrupt) else f"error {_exc_summary(exc)}")
+                with contextlib.suppress(Exception):
+                    recipe.write_summary(f"stopped: {cause} after {recipe.global_step} optimizer steps",
+                                         stop={"cause": cause, "steps_done": recipe.global_step})
+            raise
+        finally:  # an error ends the run: free output_dir for the next one (a killed process frees it too: flock)
+            recipe.release_lock()
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ exit 0
 """
 
 
-def run_install(tmp_path, **env_extra):
+def run_install(tmp_path, cwd=None, **env_extra):
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     py = venv / "bin" / "python"
@@ -102,9 +102,11 @@ def run_install(tmp_path, **env_extra):
     py.chmod(0o755)
     log = tmp_path / "calls.log"
     env = dict(os.environ, IWSFT_VENV=str(venv), FAKE_LOG=str(log), **env_extra)
-    if "IWSFT_CONSTRAINTS" not in env_extra:
-        env.pop("IWSFT_CONSTRAINTS", None)
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "install.sh")], env=env, capture_output=True, text=True)
+    for key in ("IWSFT_CONSTRAINTS", "IWSFT_TORCH_INDEX"):
+        if key not in env_extra:
+            env.pop(key, None)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "install.sh")], env=env, capture_output=True, text=True,
+                          cwd=None if cwd is None else str(cwd))
     return proc, (log.read_text().splitlines() if log.exists() else [])
 
 
@@ -122,7 +124,26 @@ def test_install_script_uses_the_constraints_by_default(tmp_path):
     assert installs == ["-m pip install -q -e .[all]"]  # torch kept, nothing pinned
 
     proc, _ = run_install(tmp_path / "bad", IWSFT_CONSTRAINTS="nope.txt")
-    assert proc.returncode != 0 and "constraints file nope.txt not found" in proc.stdout
+    assert proc.returncode != 0 and "nope.txt not found" in proc.stdout
+
+
+def test_install_script_torch_index_is_opt_in_and_relative_paths_resolve_from_the_caller(tmp_path):
+    cpu = "https://download.pytorch.org/whl/cpu"
+    _, calls = run_install(tmp_path / "default", FAKE_HAS_TORCH="1")
+    assert not any("index-url" in c for c in calls)  # by default pip's own index only (CI: PyPI)
+    proc, calls = run_install(tmp_path / "idx", FAKE_HAS_TORCH="1", IWSFT_TORCH_INDEX=cpu)
+    assert proc.returncode == 0, proc.stderr
+    assert [c for c in calls if "index-url" in c] == [
+        f"-m pip install -q torch==2.13.0 --index-url {cpu} -c constraints.txt"]  # torch only, still pinned
+    # A relative IWSFT_CONSTRAINTS is the caller's file, not one in the checkout (the script cd's to the repo).
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    (caller / "mine.txt").write_text("")
+    assert not (REPO / "mine.txt").exists()
+    proc, calls = run_install(tmp_path / "rel", cwd=caller, IWSFT_CONSTRAINTS="mine.txt")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    installs = [c for c in calls if c.startswith("-m pip install") and "--upgrade pip" not in c]
+    assert installs and all(c.endswith(f"-c {caller / 'mine.txt'}") for c in installs), installs
 
 
 def test_ci_installs_with_the_constraints():

@@ -154,19 +154,22 @@ def test_crash_while_saving_never_leaves_a_checkpoint_that_looks_complete(base_r
     state_before = (run / "recipe_state" / "recipe_state.pt").read_bytes()
     wrapper = tmp_path / "die_during_save.py"
     wrapper.write_text(DIE_DURING_SAVE)
-    # A new run into the same output_dir dies while overwriting epoch_0 (new weights, old config files).
+    # A new run into the same output_dir dies while writing its epoch_0.
     with pytest.raises(AssertionError, match=r"recipe failed \(17\)"):
         run_recipe(tiny_assets, run, "optimizer.lr=2.0e-3", wrapper=wrapper)
     assert not (run / "epoch_0" / "CHECKPOINT_COMPLETE").exists()
     assert (run / "epoch_0" / "model-00001-of-00001.safetensors").is_file()  # the half-written epoch is there...
-    assert (run / "epoch_1" / "CHECKPOINT_COMPLETE").is_file()
-    # ...the fresh run set the earlier run's resume state aside (renamed, not lost), so resume cannot continue it...
+    # ...the fresh run set the earlier run's epochs and resume state aside (moved, not lost), so neither its
+    # files nor a resume can mix with the earlier run...
+    (previous,) = run.glob("previous_run_*")
+    assert (previous / "epoch_1" / "CHECKPOINT_COMPLETE").is_file() and not (run / "epoch_1").exists()
     assert not (run / "recipe_state" / "recipe_state.pt").exists()
-    assert (run / "recipe_state" / "recipe_state.pt.previous_run").read_bytes() == state_before
+    assert (previous / "recipe_state" / "recipe_state.pt").read_bytes() == state_before
     with pytest.raises(AssertionError, match="recipe_state.pt does not exist"):
         run_recipe(tiny_assets, run, "resume_from_checkpoint=true")
     # ...and even with that state put back by hand (it names epoch_0), resume refuses the half-written epoch.
-    os.replace(run / "recipe_state" / "recipe_state.pt.previous_run", run / "recipe_state" / "recipe_state.pt")
+    (run / "recipe_state").mkdir()
+    os.replace(previous / "recipe_state" / "recipe_state.pt", run / "recipe_state" / "recipe_state.pt")
     with pytest.raises(AssertionError, match="epoch_0 has no CHECKPOINT_COMPLETE marker"):
         run_recipe(tiny_assets, run, "resume_from_checkpoint=true")
 

@@ -78,14 +78,54 @@ def load_rows(source: str, data_files=None, split: str = "train", **load_dataset
         builder = source if source in set(_FILE_BUILDERS.values()) else builder_for(data_files)
         if builder is None:
             raise ValueError(f"cannot tell the file format of data_files={data_files!r}; pass source='json' etc.")
-        return load_dataset(builder, data_files=data_files, split=split, **load_dataset_kwargs)
+        _check_local_files(data_files)
+        no_rows = ValueError(f"dataset.data_files={data_files!r} holds no rows (split {split!r}): give a file with "
+                             "at least one row.")
+        try:
+            rows = load_dataset(builder, data_files=data_files, split=split, **load_dataset_kwargs)
+        except StopIteration:  # datasets' json builder on a file with no rows: a bare StopIteration
+            raise no_rows from None
+        except ValueError as exc:  # ... or, e.g. for `[]`: 'Instruction "train" corresponds to no data!'
+            if "corresponds to no data" in str(exc):
+                raise no_rows from None
+            raise
+        if len(rows) == 0:
+            raise no_rows
+        return rows
     path = Path(os.path.expanduser(str(source)))
     if path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"unsupported data file {path} (use .json, .jsonl, .parquet or .csv)")
+        _check_local_files(str(path), key="dataset.source")
         return load_dataset(builder, data_files=str(path), split=split, **load_dataset_kwargs)
     return load_dataset(str(path) if path.is_dir() else source, split=split, **load_dataset_kwargs)
+
+
+def _local_paths(data_files) -> List[str]:
+    if isinstance(data_files, (str, os.PathLike)):
+        return [str(data_files)]
+    if isinstance(data_files, Mapping):
+        return [p for v in data_files.values() for p in _local_paths(v)]
+    return [p for v in data_files for p in _local_paths(v)]
+
+
+def _check_local_files(data_files, key: str = "dataset.data_files") -> None:
+    """A local data file that is empty (or only whitespace) makes ``datasets``' json builder raise a bare
+    ``StopIteration`` naming nothing; refuse it here naming the file and ``dataset.data_files``. Hub paths, globs
+    and remote URLs are left to ``datasets``."""
+    for p in _local_paths(data_files):
+        path = Path(os.path.expanduser(p))
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:  # stops at the first non-blank byte: cheap on any file size
+            while True:
+                block = f.read(1 << 16)
+                if not block:
+                    raise ValueError(f"{key}: {path} is empty (no rows): point {key} at a file with at least "
+                                     "one row (was it truncated or not yet written?).")
+                if block.strip():
+                    break
 
 
 # ----------------------------------------------------------------------------------------------------------------
