@@ -1404,7 +1404,7 @@ def recipe_main(cfg: DictConfig) -> None:
                 cause = (f"signal {_SIGNALS_RECEIVED[0]}" if _SIGNALS_RECEIVED else
                          "signal SIGINT" if isinstance(exc, KeyboardInterrupt) else f"error {_exc_summary(exc)}")
                 with contextlib.suppress(Exception):
-                    recipe.write_summary(f"stopped: {cause} after {recipe.global_step} optimizer steps",
+                    recipe.write_summary(f"stopped: {cause} after optimizer step {recipe.global_step}",
                                          stop={"cause": cause, "steps_done": recipe.global_step})
             raise
         finally:  # an error ends the run: free output_dir for the next one (a killed process frees it too: flock)
