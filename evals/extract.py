@@ -295,7 +295,7 @@ def _mask_math(s: str) -> str:
 
 
 _COPULA = re.compile(r"(?i)(?:\b(?:is|are|was|equals|equal\s+to|would\s+be|will\s+be|becomes|gives|yields|means|"
-                     r"obtain|get|find|have|has)\b\s*(?:that\b)?\s*:?|=|\bto\s+be\b)")
+                     r"obtain|get|find|have|has|takes|costs|lasts|measures|weighs)\b\s*(?:that\b)?\s*:?|=|\bto\s+be\b)")
 _CLAUSE = re.compile(r"(?i)(?:[.;!?](?=\s|$)|,?\s\b(?:when|where|for|since|because|as|if|which|with|given|so|but|"
                      r"and\s+(?:the|this|that|so|we|it)|assuming|provided|after|before|from|in\s+(?:the|this))\b"
                      r"|\s\((?=(?-i:[a-z])))")
@@ -362,7 +362,7 @@ def statement_value_text(s: str) -> str | None:
         s, masked = s[:c.start()], masked[:c.start()]
     s = s.strip().strip(":").strip()
     # "or" between two math spans is a list that math-verify joins into a set; elsewhere it is a hedge
-    if _HEDGE.search(re.sub(r"#+\s*,?\s*\bor\b\s*#+", "#", masked)):
+    if _HEDGE.search(re.sub(r"(?<!#)#+\s*,?\s*\bor\b\s*#+", "#", masked)):
         return None
     return s or None
 
@@ -688,7 +688,7 @@ _INVISIBLE = re.compile("[\u200b\u200c\u200d\u2060\ufeff\u00ad]")
 
 def normalise_unicode(text: str) -> str:
     r"""Unicode maths as LaTeX, then NFKC: zero-width characters dropped, superscripts ``x²`` -> ``x^{2}`` (before
-    NFKC, which would make ``x2`` of it), vulgar fractions ``½`` -> ``\frac{1}{2}`` (``3½`` -> ``(3+\frac{1}{2})``),
+    NFKC, which would make ``x2`` of it), vulgar fractions ``½`` -> ``\frac{1}{2}`` (``1½`` -> ``\frac{3}{2}``),
     ``√2`` / ``√(x+1)`` -> ``\sqrt{...}``, ``−×÷·π∞≤≥≠`` -> their LaTeX, fullwidth digits and letters (``２０４``)
     -> ASCII by NFKC. ASCII text is returned unchanged."""
     if text.isascii():
@@ -700,8 +700,9 @@ def normalise_unicode(text: str) -> str:
 
     def vulgar(m):
         a, b = _VULGAR[m.group(2)]
-        frac = f"\\frac{{{a}}}{{{b}}}"
-        return f"({m.group(1)}+{frac})" if m.group(1) else frac
+        if m.group(1):  # a mixed number: 1½ = 3/2
+            a += int(m.group(1)) * b
+        return f"\\frac{{{a}}}{{{b}}}"
 
     t = re.sub("(\\d+)?([" + "".join(_VULGAR) + "])", vulgar, t)
     t = re.sub(r"√\s*(?:\(([^()]*)\)|\{([^{}]*)\}|(\d+(?:\.\d+)?|[A-Za-z]))",
@@ -725,12 +726,18 @@ _RETRACT = re.compile(
 # value 204.5)", "204 minus the 24 minutes, i.e., 180", "(B) is incorrect": the value is not the committed answer.
 _QUALIFIED = re.compile(
     r"(?i)\A[\s$*_)\]}]*(?:[(,;:—–]\s*|-\s+)*\(?\s*(?:if|unless|assuming|provided|approx\w*|roughly|about|around|"
-    r"nearly|almost|rounded|ignoring|excluding|without|not\s+counting|minus|plus|times|less|more\s+than|divided|"
+    r"nearly|almost|rounded|ignoring|excluding|without|not\s+counting|minus|plus|divided\s+by|"
     r"exact\w*|i\.e\.|that\s+is\b|(?:is|was|seems|looks)\s+(?:not\b|incorrect|wrong|false|ruled|eliminated|out\b)|"
     r"isn[’']?t\b|can[’']?t\b|cannot\b)")
 _TRAILING_VALUE = re.compile(
     r"(\$\$[^$]+\$\$|\$[^$]+\$|\\\(.+?\\\)|\\\[.+?\\\]|\*\*[^*\n]+\*\*|[-+]?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?)"
     r"(?:\s+[A-Za-z]+){0,3}[\s.!)\]*]*\Z", re.DOTALL)
+
+
+# what introduces the value a correction commits to: "it's 228", "should be 228", "to get 203", "i.e., 180",
+# "exact value 204.5", "Including it: 228", "= 228", "giving $\frac12$"
+_COMMITS = re.compile(r"(?i)(?:\b(?:is|are|be|was|were|get|gets|got|gives|giving|yields|equals|makes|takes|obtain|find|"
+                      r"becomes|exactly|i\.e\.|namely|(?:value|total|answer|result)(?:\s+of)?)|[=:]|[’']s)[\s,*_]*\Z")
 
 
 def _retracted(after: str) -> bool:
@@ -757,6 +764,8 @@ def _trailing_value(after: str) -> Reading | None:
     before = last[:m.start()].rstrip()
     if before and before[-1] in "+-*/^×":
         return None
+    if not _COMMITS.search(before) or _CONDITIONAL.search(last_masked):
+        return None  # "that can't be right since the area must exceed 15": a value, but no answer given
     value = m.group(1).strip("*").strip()
     boxes = final_box_group(value)
     if boxes:
@@ -962,6 +971,13 @@ def _tail_choice(after: str) -> str | None:
     m = _RETRACT.search(masked) or re.match(r"[\s*_)\]}.]*\?", masked)
     rest = masked[m.end():] if m else masked
     letters = {next(g for g in t.groups() if g) for t in _TAIL_LETTER.finditer(rest)}
+    if len(letters) > 1:
+        # several letters after the retraction: the one the final sentence names ("... the heaviest, which is (D).")
+        cuts = [c.end() for c in re.finditer(r"[.!?;](?=\s)|\n", rest.rstrip())]
+        final = rest[cuts[-1]:] if cuts else rest
+        letters = {next(g for g in t.groups() if g) for t in _TAIL_LETTER.finditer(final)}
+        if _HEDGE.search(final) or "?" in final:
+            return None
     return letters.pop() if len(letters) == 1 else None
 
 
@@ -986,6 +1002,11 @@ def final_choice(region: str, choices: list[str] | None = None) -> str | None:
         elif letters - {None}:
             candidates.append((group[0], group[1], AMBIGUOUS))
     for start, end, body in cue_statements(region):
+        lead = re.match(r"[\s*_:]*(?:(?i:option|choice)\s+)?[\(\[]?([A-D])(?:[\)\]]|\b)", body)
+        if lead and _RULED_OUT.match(body[lead.end():]):
+            # "Answer: (B) is ruled out, leaving (C)": the letter that is left, or nothing
+            candidates.append((start, end, _tail_choice("no, " + body[lead.end():]) or AMBIGUOUS))
+            continue
         boxes = final_box_group(body)
         letter = _choice_letter(boxes[2][-1] if boxes else body, choices)
         if letter is not None:
@@ -1025,7 +1046,7 @@ def final_choice(region: str, choices: list[str] | None = None) -> str | None:
     after = re.sub(r"(?<![A-Za-z])[\(\[]?(?!" + letter + r")[A-D][\)\]]?(?![A-Za-z'’])[^.\n]{0,80}?\b(?:is|are|was)"
                    r"\s+(?:wrong|incorrect|not\s+(?:right|correct)|ruled\s+out|eliminated)\b",
                    lambda m: " " * len(m.group(0)), region[end:])
-    if _retracted(after) or re.match(r"[\s*_)\]}.]*\?", line[-3:] + after):
+    if _retracted(after) or re.search(r"\b" + letter + r"\b[\s*_)\]}.$]*\?", line):
         return _tail_choice(after)
     return letter
 

@@ -84,7 +84,7 @@ def looks_truncated(output: str, gen_tokens: int | None = None, max_gen_toks: in
 
 
 def _open_math(text: str) -> bool:
-    """The text ends inside a math span: an odd number of unescaped ``$`` with no sentence end after the last one,
+    r"""The text ends inside a math span: an odd number of unescaped ``$`` with no sentence end after the last one,
     or a ``\[`` / ``\(`` never closed."""
     last = text.rfind("$")
     if last >= 0 and (text.count("$") - text.count("\\$")) % 2 and not re.search(r"[.!?]\s*\Z", text[last:]):
