@@ -45,7 +45,8 @@ def test_corpus_shape():
     tags = Counter(t for r in ROWS for t in r["tags"])
     for needed in ("eot", "sentence", "minerva", "budget-forcing", "percent", "degrees", "units", "gpqa",
                    "ambiguous", "multi-box", "statement-after-box", "fallback", "r1", "long", "s1", "truncated",
-                   "no-answer", "near-miss", "fp-trap", "negation"):
+                   "no-answer", "near-miss", "fp-trap", "negation", "retraction", "qualifier", "bold", "unicode",
+                   "empty-cue", "verification"):
         assert tags[needed] >= 1, f"no corpus entry tagged {needed!r}"
     assert Counter(r["kind"] for r in ROWS)["gpqa"] >= 20
     assert Counter(r["status"] for r in ROWS)["truncated"] >= 5

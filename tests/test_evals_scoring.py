@@ -430,3 +430,83 @@ def test_compare_reinvocation_argv():
     argv = _argv_for(args, "/x/B", "B")
     assert argv[1:] == ["-m", "evals.run", "--checkpoint", "/x/B", "--label", "B", "--tasks", "aime24", "--output",
                         "res", "--samples", "16", "--temperature", "0.6"]
+
+
+# ------------------------------------------------------------------------------------ bad input, bounded work
+
+
+def test_output_must_be_text():
+    """bytes (an undecoded output) is a TypeError that names the argument and the fix; None reads as empty."""
+    from evals.scoring import verify
+
+    with pytest.raises(TypeError, match=r"output must be str .*decode"):
+        verify("math", b"\\boxed{5}", "5")
+    assert verify("aime", None, "5").status == "no_answer"
+
+
+@pytest.mark.parametrize("kind,gold,choices,match", [
+    ("aime", None, None, "'answer' field.*empty"),
+    ("math", "", None, "'answer' field.*empty"),
+    ("aime", "abc", None, "AIME problem must be an integer"),
+    ("gpqa", "E", None, "letter A-D"),
+    ("gpqa", None, None, "'answer' field.*empty"),
+    ("gpqa", "B", ["x", "y", "z"], "4 option texts"),
+])
+def test_invalid_gold_is_an_error(kind, gold, choices, match):
+    """An invalid gold answer is a ValueError naming the field, never a silent 0."""
+    from evals.scoring import verify
+
+    with pytest.raises(ValueError, match=match):
+        verify(kind, "\\boxed{B}", gold, choices=choices)
+
+
+def test_process_results_names_the_problem():
+    """lm-eval's hook re-raises a bad gold with the problem id, and still scores valid rows (int gold, no choices)."""
+    from evals import utils
+
+    with pytest.raises(ValueError, match=r"id='p7'.*must be an integer"):
+        utils.process_aime({"id": "p7", "answer": "n/a"}, [["\\boxed{5}"]])
+    assert utils.process_aime({"id": "p1", "answer": 5}, [["\\boxed{5}"]])["acc"] == 1.0
+    assert utils.process_gpqa({"id": "g1", "answer": "B"}, [["(B)"]])["acc"] == 1.0
+
+
+def test_math_verify_never_sees_long_candidates(monkeypatch):
+    """A 'value' of thousands of terms is no answer, and math-verify (whose parser takes minutes on it) is never
+    handed more than MAX_PARSE_CHARS (+ the few characters of its wrapper)."""
+    import math_verify
+
+    from evals import extract
+    from evals.scoring import verify
+
+    seen = []
+    real = math_verify.parse
+    monkeypatch.setattr(math_verify, "parse", lambda text, *a, **k: seen.append(len(text)) or real(text, *a, **k))
+    extract.parse_latex_answer.cache_clear()
+    extract.parse_statement.cache_clear()
+    for out in ("The answer is $" + "1+" * 3000 + "1$.", "\\boxed{" + "1+" * 3000 + "1}"):
+        v = verify("math", out, "3001")
+        assert (v.correct, v.status) == (False, "no_answer")
+    assert max(seen, default=0) <= extract.MAX_PARSE_CHARS + 20
+
+
+def test_pathological_shapes_do_not_crash():
+    """A 500-deep brace nest, an unclosed ``$`` at the end of a long output, a looping tail."""
+    from evals.scoring import verify
+
+    assert verify("math", "\\boxed{" + "{" * 500 + "5" + "}" * 500 + "}", "5").status in ("answered", "no_answer")
+    assert verify("math", "The answer is $" + "1+" * 20000, "5").status == "truncated"
+    assert verify("aime", "\\boxed{204}\n" + "Wait, let me re-check the value of t. " * 40, "204").status \
+        == "truncated"
+
+
+def test_normalise_unicode():
+    """Unicode maths becomes LaTeX/ASCII (hand-written expectations)."""
+    from evals.extract import normalise_unicode
+
+    assert normalise_unicode("２０４") == "204"
+    assert normalise_unicode("½") == "\\frac{1}{2}"
+    assert normalise_unicode("2½") == "\\frac{5}{2}"
+    assert normalise_unicode("√2 and √(x+1)") == "\\sqrt{2} and \\sqrt{x+1}"
+    assert normalise_unicode("x² − 1") == "x^{2} - 1"
+    assert normalise_unicode("2\u200b04") == "204"
+    assert normalise_unicode("plain ascii") == "plain ascii"
