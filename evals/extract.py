@@ -8,16 +8,21 @@ The rules, in the order they apply (docs/evals.md, "Reading rules", gives them w
    ``Question:`` (a completion writing the next few-shot problem).
 2. Answer region (:func:`split_reply`): after the last ``<|im_start|>answer``, else after the last ``</think>``,
    else the whole turn; a think phase opened and never closed is *unfinished* (:mod:`evals.scoring` decides).
-3. Negated values (``not 27``, ``rather than (B)``) are blanked (:func:`blank_negations`).
+3. Unicode maths becomes LaTeX/ASCII (:func:`normalise_unicode`); negated values (``not 27``, ``rather than (B)``)
+   are blanked (:func:`blank_negations`).
 4. Final answer (:func:`final_math_answer`): the last answer statement after the last box group that has a value
-   (:func:`cue_statements`, :func:`statement_value_text`), else that box group (:func:`final_box_group`).
+   (:func:`cue_statements`, :func:`statement_value_text`), else that box group (:func:`final_box_group`); an empty
+   trailing ``Answer:`` reads nothing. It must be the last *committed* value (:func:`_committed`): when the text
+   after it takes it back (a ``?`` on its sentence, a qualifier such as ``(if we ignore ...)``, a retraction word
+   such as ``wait`` / ``actually`` / ``should be``), the value the retraction ends on is read, or nothing.
 5. A statement's value: the leading value, or the value after its conclusion word and copula, cut at the clause
    end; math-verify's extraction (``LatexExtractionConfig(boxed_match_priority=0)``, ``ExprExtractionConfig``)
    reads it; a hedge (``27 or 28``) reads nothing; prose with a number inside is never handed to math-verify.
 6. Fallback (no box, no statement): the region's final statement when it concludes (:func:`_final_statement`).
 7. Normalisation for comparison (:func:`normalise_answer`): percent/degree signs and option labels dropped.
 8. GPQA (:func:`final_choice`): the last of box, answer statement, choice cue, "(B) is correct" and option-only
-   line; two letters in the final statement read nothing (:data:`AMBIGUOUS`).
+   line; two letters in the final statement read nothing (:data:`AMBIGUOUS`); after a retraction, the one letter
+   named after it (:func:`_tail_choice`), or nothing.
 
 Only :func:`parse_latex_answer` / :func:`parse_statement` / the GPQA letter check call math-verify (imported
 lazily), so this module imports fast.
@@ -740,10 +745,18 @@ _COMMITS = re.compile(r"(?i)(?:\b(?:is|are|be|was|were|get|gets|got|gives|giving
                       r"becomes|exactly|i\.e\.|namely|(?:value|total|answer|result)(?:\s+of)?)|[=:]|[’']s)[\s,*_]*\Z")
 
 
+# the rest of the value's own clause makes it hypothetical: "204 is what we'd get without the shop"
+_HYPOTHETICAL = re.compile(r"(?i)\b(?:if|unless|assuming|suppose|supposing|without|ignoring|excluding|would|could|"
+                           r"might)\b|[’']d\b")
+
+
 def _retracted(after: str) -> bool:
     """The text after an answer (from the end of its value) takes it back: a question mark on the answer's sentence,
     a qualifier right after the value, or a retraction word anywhere after it (:data:`_RETRACT`)."""
-    return bool(re.match(r"[\s$*_)\]}.]*\?", after) or _QUALIFIED.match(after) or _RETRACT.search(_mask_math(after)))
+    masked = _mask_math(after)
+    clause = re.split(r"[,.!?;:](?=\s|\Z)|\n|\s(?:and|so|but)\s", masked, maxsplit=1)[0]
+    return bool(re.match(r"[\s$*_)\]}.]*\?", after) or _QUALIFIED.match(after) or _HYPOTHETICAL.search(clause)
+                or _RETRACT.search(masked))
 
 
 def _trailing_value(after: str) -> Reading | None:
@@ -947,7 +960,9 @@ def _bare_letter_line(line: str, choices: list[str] | None) -> str | None:
 # "the correct option is (C)", "the best choice would be B", "I choose B"
 _CHOICE_CUE = re.compile(r"(?i:\b(?:correct|best|right|final|most\s+likely)\s+(?:choice|option|answer)\s+"
                          r"(?:is|would\s+be|"
-                         r"must\s+be|should\s+be)\b:?|\bI(?:[’']d|[’']ll|\s+would|\s+will|\s+would\s+therefore)?\s+(?:choose|pick|select|go\s+with)\b:?"
+                         r"must\s+be|should\s+be)\b:?"
+                         # "I choose B", "I'd go with (B)", "I would pick C"
+                         r"|\bI(?:[’']d|[’']ll|\s+would|\s+will)?\s+(?:choose|pick|select|go\s+with)\b:?"
                          r"|\b(?:thus|so|therefore|hence)\b,?(?=\s*\**[\(\[]?[A-D][\)\]]?\**\s*[.!]?\s*$)"
                          # "Wait, no. Looking again, B.": a lone letter after a comma/colon ends the line
                          r"|(?<=[a-z])[,:](?=\s*\**[\(\[]?[A-D][\)\]]?\**\s*[.!]?\s*$))", re.MULTILINE)
@@ -959,9 +974,10 @@ _IS_CORRECT = re.compile(r"(?:^|(?<=\s))(?i:option\s+|choice\s+)?[\(\[]?([A-D])[
 # an option letter in the text after a retraction ("Hmm wait, actually it's C.", "corresponds to option B");
 # "A" followed by a lowercase word is the article
 _TAIL_LETTER = re.compile(r"[\(\[]([A-D])[\)\]]|\b(?i:option|choice)\s+([A-D])\b|(?<![A-Za-z'’\\])([A-D])"
-                          r"(?![A-Za-z'’\-])(?!\s+[a-z])")
+                          r"(?![A-Za-z'’\-])(?!\s+(?!(?:or|and|nor|vs|versus|then)\b)[a-z])")
 # "(B) is incorrect", "B is wrong", "not B": the letter is ruled out on its own line
-_RULED_OUT = re.compile(r"(?i)\A[\s*_)\]]*(?:is|was|seems|looks)\s+(?:not\b|incorrect|wrong|false|ruled|eliminated|out\b)"
+_RULED_OUT = re.compile(r"(?i)\A[\s*_)\]]*(?:is|was|seems|looks)\s+"
+                        r"(?:not\b|incorrect|wrong|false|ruled|eliminated|out\b)"
                         r"|\A[\s*_)\]]*(?:isn[’']?t|can[’']?t|cannot)\b")
 
 
@@ -971,13 +987,13 @@ def _tail_choice(after: str) -> str | None:
     m = _RETRACT.search(masked) or re.match(r"[\s*_)\]}.]*\?", masked)
     rest = masked[m.end():] if m else masked
     letters = {next(g for g in t.groups() if g) for t in _TAIL_LETTER.finditer(rest)}
+    cuts = [c.end() for c in re.finditer(r"[.!?;](?=\s)|\n", rest.rstrip())]
+    final = rest[cuts[-1]:] if cuts else rest
+    if _HEDGE.search(final) or "?" in final:
+        return None  # the retraction ends in a question or a hedge: no letter is committed
     if len(letters) > 1:
         # several letters after the retraction: the one the final sentence names ("... the heaviest, which is (D).")
-        cuts = [c.end() for c in re.finditer(r"[.!?;](?=\s)|\n", rest.rstrip())]
-        final = rest[cuts[-1]:] if cuts else rest
         letters = {next(g for g in t.groups() if g) for t in _TAIL_LETTER.finditer(final)}
-        if _HEDGE.search(final) or "?" in final:
-            return None
     return letters.pop() if len(letters) == 1 else None
 
 

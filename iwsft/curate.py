@@ -63,6 +63,10 @@ SETTINGS_FILE = "curate.json"
 SUMMARY_FILE = "summary.json"
 
 
+class VerifierBroken(RuntimeError):
+    """The verifier raised on every sample of the first batch (a user error: the verifier, not the data)."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # settings
 
@@ -124,6 +128,9 @@ def _sha256_file(path: Path, limit: int = 2 << 30) -> str:
 def model_fingerprint(model_dir) -> str:
     """Short sha256 over ``config.json``, the tokenizer files and the weight files of an HF model directory."""
     d = Path(model_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"model directory {d} does not exist: pass an HF model directory (weights + "
+                                "tokenizer) as --model")
     names = ["config.json", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"]
     files = [d / n for n in names if (d / n).is_file()] + sorted(d.glob("*.safetensors")) + sorted(d.glob("*.bin"))
     if not any(f.suffix in (".safetensors", ".bin") for f in files):
@@ -162,13 +169,22 @@ def load_prompts(source, question_column: str = "question", answer_column: str =
                  id_column: Optional[str] = None, split: str = "train", limit: Optional[int] = None) -> List[Prompt]:
     """Rows of ``source`` (file or hub id, via :func:`iwsft.tune.datasets.load_rows`) as :class:`Prompt` s.
 
-    Raises ``KeyError`` naming the column (and the columns that exist) when a column is missing, ``ValueError``
-    for a row whose question is not a non-empty string or for duplicate ids. A missing/empty/NaN answer is kept as
-    ``answer=None`` (reported, not sampled).
+    Raises ``FileNotFoundError`` for a local prompt file that does not exist, ``KeyError`` naming the column (and
+    the columns that exist) when a column is missing, ``ValueError`` for an empty file, a row whose question is not
+    a non-empty string or duplicate ids (messages name ``--prompts`` / the column flags). A missing/empty/NaN
+    answer is kept as ``answer=None`` (reported, not sampled).
     """
     from iwsft.tune.datasets import load_rows
 
-    rows = load_rows(str(source), split=split)
+    src = Path(os.path.expanduser(str(source)))
+    if not src.exists() and (src.suffix.lower() in (".json", ".jsonl", ".parquet", ".csv") or src.is_absolute()
+                             or str(source).startswith(".")):
+        raise FileNotFoundError(f"prompt file {source} does not exist: pass an existing file (or a hub dataset id) "
+                                "as --prompts")
+    try:
+        rows = load_rows(str(source), split=split)
+    except ValueError as e:  # load_rows names the recipe key (dataset.source); here the file came from --prompts
+        raise ValueError(str(e).replace("dataset.source", "--prompts")) from e
     cols = list(getattr(rows, "column_names", None) or (rows[0].keys() if len(rows) else []))
     for col in (question_column, answer_column) + ((id_column,) if id_column else ()):
         if col not in cols:
@@ -488,14 +504,26 @@ def _settings(model_dir, prompts_fp: str, cfg: SamplingConfig, verifier: str, ba
             "sampling": asdict(cfg), "verifier": verifier, "backend": backend, "format": 1}
 
 
+def settings_diff(old: dict, new: dict) -> List[str]:
+    """The keys whose value changed, one ``"key: old → new"`` each (sampling settings by their own name, e.g.
+    ``k: 4 → 2``; the model path is not compared, its fingerprint is)."""
+    def flat(d: dict) -> dict:
+        return {**{k: v for k, v in d.items() if k not in ("sampling", "model")}, **(d.get("sampling") or {})}
+
+    a, b = flat(old), flat(new)
+    keys = list(b) + [k for k in a if k not in b]
+    return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
 def curate(model_dir, prompts: Sequence[Prompt], out_dir, cfg: SamplingConfig = SamplingConfig(),
            verifier: str = "math", backend: str = "transformers", sampler=None, device: str = "cpu",
            progress: bool = True, overwrite: bool = False, quiet: bool = False) -> Dict[str, Any]:
     """Samples, verifies and writes ``out_dir/samples.jsonl`` (see the module docstring); returns the summary.
 
     ``sampler``: an already-built backend (reused across calls, e.g. by the study). Raises ``ValueError`` when
-    ``out_dir`` holds a run with other settings (unless ``overwrite``), and ``RuntimeError`` when the verifier
-    raised on every sample of the first batch.
+    ``out_dir`` holds a run with other settings (unless ``overwrite``), and :class:`VerifierBroken` (a
+    ``RuntimeError``) when the verifier raised on every sample of the first batch — that batch's rows are removed
+    from ``samples.jsonl`` first, so a rerun with a fixed verifier samples them again.
     """
     from tqdm import tqdm
 
@@ -507,11 +535,10 @@ def curate(model_dir, prompts: Sequence[Prompt], out_dir, cfg: SamplingConfig = 
                          backend if sampler is None else sampler.name, fp)
     settings_path, samples_path = out / SETTINGS_FILE, out / SAMPLES_FILE
     if settings_path.is_file() and not overwrite:
-        old = json.loads(settings_path.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v and k != "model"}
+        diff = settings_diff(json.loads(settings_path.read_text()), settings)
         if diff:
-            raise ValueError(f"{out} holds a curation run with other settings {diff} (old, new); use another "
-                             "--out or --overwrite")
+            raise ValueError(f"{out} holds a curation run with other settings ({'; '.join(diff)}): pass another "
+                             "--out to keep it, or --overwrite to delete its samples and start again")
     elif overwrite and samples_path.exists():
         samples_path.unlink()
     rows, discarded = _read_complete_groups(samples_path, cfg.k)
@@ -556,8 +583,13 @@ def curate(model_dir, prompts: Sequence[Prompt], out_dir, cfg: SamplingConfig = 
             batch_rows += g_rows
             bar.update(len(g_rows))
         if first_batch and batch_rows and all(r["verify_error"] for r in batch_rows):
-            raise RuntimeError(f"the verifier {verifier!r} raised on every sample of the first batch; first error: "
-                               f"{batch_rows[0]['verify_error']}")
+            # A broken verifier: drop this batch's rows (reward 0 for a checker bug is not data), so that a rerun
+            # with the verifier fixed samples these prompts again instead of resuming them.
+            _write_rows(samples_path, rows, append=False)
+            raise VerifierBroken(f"the verifier {verifier!r} raised on every sample of the first batch (first "
+                                 f"error: {batch_rows[0]['verify_error']}); nothing of this batch was kept. Fix "
+                                 "the verifier (called as fn(output, answer); returns a Verdict, a bool or a number "
+                                 "in [0, 1]) and rerun the same command: it resumes where this run started.")
         first_batch = False
         rows += batch_rows
         new_samples += sum(len(g) for g in groups)
@@ -614,13 +646,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
-    cfg = SamplingConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
-                         batch_prompts=a.batch_prompts, seed=a.seed,
-                         system_prompt=None if a.no_system_prompt else QWEN_DEFAULT_SYSTEM_PROMPT)
-    prompts = load_prompts(a.prompts, a.question_column, a.answer_column, a.id_column, a.split, a.limit)
-    curate(a.model, prompts, a.out, cfg, verifier=a.verifier, backend=a.backend, device=a.device,
-           overwrite=a.overwrite)
+    try:
+        cfg = SamplingConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                             batch_prompts=a.batch_prompts, seed=a.seed,
+                             system_prompt=None if a.no_system_prompt else QWEN_DEFAULT_SYSTEM_PROMPT)
+        prompts = load_prompts(a.prompts, a.question_column, a.answer_column, a.id_column, a.split, a.limit)
+        curate(a.model, prompts, a.out, cfg, verifier=a.verifier, backend=a.backend, device=a.device,
+               overwrite=a.overwrite)
+    except USER_ERRORS as e:
+        # bad input (settings, files, columns, a broken verifier): one line naming the flag and the fix, exit 2 like
+        # argparse. Other exceptions are bugs and keep their traceback; IWSFT_DEBUG=1 shows it for these too.
+        if os.environ.get("IWSFT_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
     return 0
+
+
+# the exceptions main() reports as user errors (one line, exit 2): what this module raises for bad input
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, VerifierBroken)
 
 
 if __name__ == "__main__":

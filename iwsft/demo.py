@@ -22,7 +22,8 @@ token — on the embedded tiny setup:
 
 Everything goes to ``<workdir>`` (default ``outputs/demo``; ``<workdir>/runs`` is replaced on every run, only if
 an earlier demo created it). Extra ``key=value`` arguments are passed to every ``tune run`` as config overrides.
-One round on 2 cores takes about 2–3 minutes. One round with one seed is a demonstration, not evidence: the
+Measured: 295.7 s (about 5 minutes) on 2 cores shared with other jobs (2026-11-30); an unloaded run was not
+timed. One round with one seed is a demonstration, not evidence: the
 study with paired seeds is ``python -m iwsft.selfimprove`` (README, "Self-curation").
 """
 
@@ -201,8 +202,9 @@ def run_demo(
         print(line)
     print(f"  ones% = share of sampled solutions using the less accurate column strategy (p_ref's teacher used it "
           f"{100 * P_ONES:.0f}% of the time).\n  Weights: means over training steps of the recipe's logged "
-          "statistics. At temperature 1 they stay within a few % of 1 on these short answers (the log-ratio is "
-          "averaged over ~40 tokens),\n  hence also iwsft_t20 (weighting temperature 20).")
+          "statistics. At weighting temperature 1 they stay within a few % of 1 on these short answers (the log-ratio "
+          "is averaged over ~40 tokens),\n  so iwsft is close to SFT here; iwsft_t20 multiplies that mean log-ratio by "
+          "20 before exp, which spreads the weights.")
     total = time.monotonic() - t0
     print(f"  total {total:.1f} s", flush=True)
     return {"pref": str(pref_dir), "pref_eval": pref_eval, "curate": cur, "results": results, "seconds": total}

@@ -35,8 +35,8 @@ Outputs under ``--out``: ``pref/`` (the trained ``p_ref``), ``seed<S>/round<R>/{
 skipped when its ``DONE.json`` exists: the study is resumable), ``results.jsonl`` (one row per seed × round ×
 method), ``table.md`` (mean and 95% interval of every paired difference vs SFT), ``accuracy.png`` (held-out
 accuracy per round per method with 95% intervals) and ``weights.png`` (importance-weight statistics from the
-training logs). ``--reduced`` is the configuration the README's table was produced with when the full one did not
-fit the session (labelled as reduced in ``table.md``).
+training logs). ``--config reduced`` is the configuration the README's table was produced with (the full one was
+not run; ``table.md`` names the configuration). ``--help`` lists the sizes and measured times of each.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import random
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -665,17 +666,42 @@ def study(out, sc: StudyConfig, jobs: int = 2, pref: Optional[Path] = None,
     return table
 
 
+# wall time measured for each configuration (2-core machine, 2026-11-30); None: not run
+MEASURED = {"smoke": "about 1.5 min", "reduced": "about 50 min with --jobs 2 on 2 cores shared with 4 other jobs",
+            "full": None}
+
+
+def _config_help() -> str:
+    """One line per configuration: sizes (from :class:`StudyConfig`) and the measured wall time."""
+    lines = ["configurations (--config):"]
+    for name in ("smoke", "reduced", "full"):
+        c = getattr(StudyConfig, name)()
+        t = MEASURED[name] or "not run yet (target <= 45 min on 2 free cores)"
+        lines.append(textwrap.fill(f"  {name:<8} {c.seeds} seeds x {c.rounds} rounds, {len(c.methods)} methods; curate "
+                     f"{c.train_prompts} training prompts x k={c.k} samples; evaluate on {c.eval_prompts} held-out "
+                     f"prompts (greedy + {c.eval_samples} sampled answers each); {c.epochs} epochs, batch "
+                     f"{c.batch_size}. Time: {t}.",
+                                   width=100, subsequent_indent=" " * 11))
+    lines.append("The README's table comes from --config reduced.")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m iwsft.selfimprove", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m iwsft.selfimprove", description=__doc__.split("\n\n")[0],
+                                 epilog=_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
     p = sub.add_parser("pretrain", help="(re)build p_ref through the recipe")
     p.add_argument("--out", default="runs/pref_build", help="build directory (default: %(default)s)")
     p.add_argument("--install", action="store_true", help=f"then copy the model to {ASSET_DIR} (the shipped asset)")
-    ap.add_argument("--out", default="runs/selfimprove")
-    ap.add_argument("--config", choices=("full", "reduced", "smoke"), default="full")
-    ap.add_argument("--seeds", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--jobs", type=int, default=2, help="seeds in parallel (one thread each)")
+    ap.add_argument("--out", default="runs/selfimprove", help="study directory; rerunning into it resumes "
+                    "(finished steps are skipped) (default: %(default)s)")
+    ap.add_argument("--config", choices=("full", "reduced", "smoke"), default="full",
+                    help="study size, see below (default: %(default)s)")
+    ap.add_argument("--seeds", type=int, default=None, help="number of paired seeds (0..N-1), overriding the "
+                    "configuration's (full/reduced: 5, smoke: 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="curate + fine-tune rounds after p_ref, overriding the "
+                    "configuration's (full/reduced: 2, smoke: 1)")
+    ap.add_argument("--jobs", type=int, default=2, help="seeds in parallel (one thread each) (default: %(default)s)")
     ap.add_argument("--pref", default=None, help="p_ref model dir (default: the shipped asset, else pretrain)")
     ap.add_argument("--report-only", action="store_true", help="table and plots from the finished steps only")
     ap.add_argument("--only-seeds", default=None, help="comma-separated seeds to run (e.g. to spread them over "

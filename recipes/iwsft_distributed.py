@@ -332,6 +332,15 @@ def validate_config(cfg: DictConfig) -> None:
                                                                                            False):
         errors.append("loss.fused=true does not support LoRA on the output projection: set "
                       "model.apply_lora_to_output=false or loss.fused=false.")
+    if loss is not None:
+        for key, default in (("fused_chunk_size", 1), ("num_output_chunks", 1)):
+            value = loss.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                errors.append(f"loss.{key}={value!r} must be an integer >= 1 (e.g. loss.{key}="
+                              f"{1024 if key == 'fused_chunk_size' else 8}).")
+        if loss.get("fused_backend", "torch") not in ("torch", "cce"):
+            errors.append(f"loss.fused_backend={loss.get('fused_backend')!r}: use `torch` (plain PyTorch, any "
+                          "device) or `cce` (cut-cross-entropy kernel, CUDA).")
     if loss is not None and not str(loss.get("_component_", "")).endswith("ChunkedWeightedNLL"):
         errors.append(f"loss._component_={loss.get('_component_')!r}: this recipe computes the loss with "
                       "iwsft.ChunkedWeightedNLL (set loss._component_: iwsft.ChunkedWeightedNLL, num_output_chunks).")
@@ -887,6 +896,10 @@ class IWSFTRecipeDistributed:
             model._iwsft_fused_head = iwsft.FusedOutputHead(
                 model, chunk_size=self._loss_fn.fused_chunk_size, ignore_index=self._ignore_index,
                 backend=self._loss_fn.fused_backend)
+            if not getattr(self, "_fused_logged", False):
+                self._fused_logged = True
+                utils.log_rank_zero(log, f"fused output head on (loss.fused=true): log-probs {self._loss_fn.fused_chunk_size} label "
+                         f"tokens at a time, backend {self._loss_fn.fused_backend}; no [B, T, V] logits are held")
         else:  # always chunk; torchtune only does it for a loss named CEWithChunkedOutputLoss
             model.set_num_output_chunks(self._loss_fn.num_output_chunks)
 
@@ -1404,7 +1417,9 @@ def recipe_main(cfg: DictConfig) -> None:
                 cause = (f"signal {_SIGNALS_RECEIVED[0]}" if _SIGNALS_RECEIVED else
                          "signal SIGINT" if isinstance(exc, KeyboardInterrupt) else f"error {_exc_summary(exc)}")
                 with contextlib.suppress(Exception):
-                    recipe.write_summary(f"stopped: {cause} after optimizer step {recipe.global_step}",
+                    when = (f"after optimizer step {recipe.global_step}" if recipe.global_step else
+                            "before the first optimizer step")
+                    recipe.write_summary(f"stopped: {cause} {when}",
                                          stop={"cause": cause, "steps_done": recipe.global_step})
             raise
         finally:  # an error ends the run: free output_dir for the next one (a killed process frees it too: flock)

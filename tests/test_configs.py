@@ -97,6 +97,10 @@ def test_tiny_tokenizer_instantiates(tmp_path):
     ("optimizer_in_bwd=true", "optimizer_in_bwd"),
     ("quality.use=weight", "set dataset.quality_column"),
     ("quality.use=often", "quality.use="),
+    ("loss.fused_chunk_size=abc", "loss.fused_chunk_size='abc' must be an integer >= 1"),
+    ("loss.fused_chunk_size=0", "loss.fused_chunk_size=0 must be an integer >= 1"),
+    ("loss.num_output_chunks=-2", "loss.num_output_chunks=-2 must be an integer >= 1"),
+    ("loss.fused_backend=triton", "loss.fused_backend='triton'"),
 ])
 def test_invalid_settings_fail_early_with_the_key_named(recipe, override, message):
     cfg = OmegaConf.merge(load("tiny_cpu"), OmegaConf.from_dotlist([override]))

@@ -82,6 +82,35 @@ def test_partial_groups_from_a_killed_run_are_discarded(tmp_path):
     assert discarded == 2
 
 
+def test_settings_diff_lists_only_the_changed_keys():
+    old = {"model": "/a", "model_fingerprint": "f", "verifier": "math",
+           "sampling": {"k": 4, "temperature": 1.0, "seed": 0}}
+    new = {"model": "/b", "model_fingerprint": "f", "verifier": "aime",
+           "sampling": {"k": 2, "temperature": 1.0, "seed": 0}}
+    assert curate.settings_diff(old, new) == ["verifier: 'math' → 'aime'", "k: 4 → 2"]
+    assert curate.settings_diff(old, old) == []
+
+
+def test_cli_user_errors_are_one_line_naming_the_flag(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    good = tmp_path / "p.jsonl"
+    good.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n")
+    cases = [
+        (["--model", str(tmp_path), "--prompts", str(empty)], ["--prompts", "empty"]),
+        (["--model", str(tmp_path), "--prompts", str(tmp_path / "nope.jsonl")], ["--prompts", "does not exist"]),
+        (["--model", str(tmp_path / "no_model"), "--prompts", str(good)], ["--model", "does not exist"]),
+        (["--model", str(tmp_path), "--prompts", str(good), "--answer-column", "gold"], ["'gold'", "--answer-column"]),
+        (["--model", str(tmp_path), "--prompts", str(good), "--temperature", "0"], ["temperature", "greedy"]),
+    ]
+    for args, words in cases:
+        assert curate.main(args + ["--out", str(tmp_path / "o")]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err, err
+        err = err.splitlines()[-1]  # (datasets may print a progress bar before it)
+        assert err.startswith("error: ") and all(w in err for w in words) and "dataset.source" not in err, (words, err)
+
+
 # ------------------------------------------------------------------------------------------------ tiny model
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -142,6 +171,41 @@ def test_curate_end_to_end_logprobs_resume_and_bad_input(tiny, tmp_path, monkeyp
                       verifier="my_verifier:check", progress=False)
 
 
+def test_broken_verifier_keeps_no_rows_and_a_fixed_rerun_samples_them(tiny, tmp_path, monkeypatch, capsys):
+    (tmp_path / "flaky_verifier.py").write_text(textwrap.dedent('''
+        BROKEN = True
+        def check(output, answer):
+            if BROKEN:
+                raise ImportError("checker dependency missing")
+            return True
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)})
+                                 for i in range(3)))
+    out = tmp_path / "o"
+    args = ["--model", tiny["model_dir"], "--prompts", str(prompts), "--out", str(out), "-k", "2",
+            "--max-new-tokens", "3", "--batch-prompts", "2", "--verifier", "flaky_verifier:check",
+            "--backend", "transformers"]
+    assert curate.main(args) == 2
+    err = capsys.readouterr().err
+    assert "raised on every sample of the first batch" in err and "rerun the same command" in err
+    assert "checker dependency missing" in err and "Traceback" not in err
+    assert (out / "samples.jsonl").read_text() == ""  # the failed batch left no reward-0 rows behind
+    import flaky_verifier
+
+    monkeypatch.setattr(flaky_verifier, "BROKEN", False)  # the user fixes the verifier and reruns
+    assert curate.main(args) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["resumed_rows"] == 0 and s["new_samples"] == 6 and s["verifier_errors"] == 0
+    assert s["correct_samples"] == sum(1 for x in (out / "samples.jsonl").read_text().splitlines()
+                                       if json.loads(x)["messages"][-1]["content"].strip())
+    # a changed setting: only the changed key and the fix are named
+    assert curate.main([a if a != "2" else "3" for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "k: 2 → 3" in err and "--overwrite" in err and "temperature" not in err, err
+
+
 def test_cli_runs_and_reports(tiny, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"problem": "What is 1 + 1?", "gold": 2}) + "\n")
@@ -196,6 +260,80 @@ def test_dataset_refuses_a_row_whose_tokenization_differs(pref_samples, tmp_path
         curated_dataset(tok, str(f), min_reward=None)
     ds = curated_dataset(tok, str(f), min_reward=None, on_mismatch="skip")
     assert ds.num_mismatched == 1 and sorted(ds.sample_ids.tolist()) == [0, 1, 3]
+    counts = ds.drop_counts()  # run_summary.json's dataset_rows: every source row accounted for
+    assert (counts["source_rows"], counts["kept"], counts["mismatched"], counts["filtered"]) == (4, 3, 1, 0)
+    for j, r in enumerate(bad):  # row 0 fails the verifier: filtered by min_reward before the id check
+        r["reward"] = float(j != 0)
+    f.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    counts = curated_dataset(tok, str(f), min_reward=1.0, on_mismatch="skip").drop_counts()
+    assert (counts["source_rows"], counts["kept"], counts["mismatched"], counts["filtered"]) == (4, 2, 1, 1)
+
+
+def test_recipe_refusing_a_mismatched_row_says_so_in_run_summary(pref_samples, tmp_path):
+    """A refusal at data load: the run summary names the error and says no optimizer step was taken."""
+    from test_recipe import run_env
+
+    rows = [json.loads(x) for x in pref_samples.read_text().splitlines()][:4]
+    rows[1]["response_token_ids"] = [t + 1 for t in rows[1]["response_token_ids"]]
+    f = tmp_path / "bad.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, str(REPO / "recipes" / "iwsft_distributed.py"), "--config",
+           str(REPO / "configs" / "selfcurate_tiny.yaml"), f"checkpoint_dir={ASSET_DIR}", f"dataset.data_files={f}",
+           f"output_dir={tmp_path / 'run'}", "dataset.min_reward=null"]
+    proc = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode != 0 and "row 1: the recipe's tokenization differs" in proc.stderr, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert s["status"].startswith("stopped: error ValueError") and s["status"].endswith(
+        "before the first optimizer step"), s["status"]
+    assert s["stop"]["steps_done"] == 0
+
+
+SPY = textwrap.dedent('''
+    """Runs the recipe with the study's placebo loss wrapped by a spy that records every call of its forward."""
+    import atexit, json, runpy, sys
+
+    import iwsft.selfimprove as si
+
+    out, recipe, calls, make = sys.argv[1], sys.argv[2], [], si._shuffled_loss_class
+
+    def spied():
+        shuffled = make()
+
+        class Spy(shuffled):
+            def forward(self, token_logp, mask, seq_weights=None, token_weights=None, **kw):
+                loss = super().forward(token_logp, mask, seq_weights=seq_weights, token_weights=token_weights, **kw)
+                calls.append({"fused": self.fused, "n_weights": 0 if seq_weights is None else seq_weights.numel(),
+                              "shuffles": type(self)._calls})  # permutations drawn so far
+                return loss
+        return Spy
+
+    si._shuffled_loss_class = spied
+    atexit.register(lambda: open(out, "w").write(json.dumps(calls)))
+    sys.argv = sys.argv[2:]
+    runpy.run_path(recipe, run_name="__main__")
+''')
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_placebo_weights_are_shuffled_on_the_recipes_loss_path(pref_samples, tmp_path, fused):
+    """The placebo permutes the weights inside its loss's forward: the recipe must call ``self._loss_fn(...)`` with
+    the sequence weights on the fused (``loss.fused: true``) and the chunked path alike, or the placebo would
+    silently be iw-SFT. Oracle: a spy on the placebo's forward counts the calls and the permutations drawn."""
+    from test_recipe import run_env
+
+    from iwsft.selfimprove import METHODS
+
+    (tmp_path / "spy.py").write_text(SPY)
+    cmd = [sys.executable, str(tmp_path / "spy.py"), str(tmp_path / "calls.json"),
+           str(REPO / "recipes" / "iwsft_distributed.py"), "--config", str(REPO / "configs" / "selfcurate_tiny.yaml"),
+           f"checkpoint_dir={ASSET_DIR}", f"dataset.data_files={pref_samples}", f"output_dir={tmp_path / 'run'}",
+           "dataset.min_reward=null", "dataset.on_mismatch=skip", "epochs=1", "max_steps_per_epoch=2",
+           "batch_size=4", "gradient_accumulation_steps=1", f"loss.fused={fused}", *METHODS["placebo"]]
+    proc = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    calls = json.loads((tmp_path / "calls.json").read_text())
+    assert len(calls) == 2 and all(c["fused"] == (fused == "true") for c in calls), calls
+    assert [c["n_weights"] for c in calls] == [4, 4] and [c["shuffles"] for c in calls] == [1, 2], calls
 
 
 @pytest.mark.slow

@@ -75,6 +75,17 @@ def test_placebo_loss_permutes_the_weights_within_the_batch():
     assert placebo(logp, mask)[0] == iwsft.weighted_nll(logp, mask)[0]  # no weights (SFT): unchanged
 
 
+def test_help_states_the_sizes_and_times_of_each_configuration(capsys):
+    with pytest.raises(SystemExit):
+        si.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    # the full configuration as README.md and docs/selfcurate.md describe it, and that it was not run
+    assert "full 5 seeds x 2 rounds" in out and "256 training prompts x k=8 samples" in out
+    assert "200 held-out prompts (greedy + 4 sampled answers each)" in out and "not run yet" in out
+    assert "reduced 5 seeds x 2 rounds" in out and "128 training prompts x k=8" in out and "about 50 min" in out
+    assert "default: runs/selfimprove" in out and "number of paired seeds" in out
+
+
 @pytest.mark.slow
 def test_smoke_study_writes_the_report_and_resumes(tmp_path):
     sc = si.StudyConfig(seeds=2, rounds=1, methods=("sft", "placebo"), train_prompts=12, eval_prompts=8, k=3,

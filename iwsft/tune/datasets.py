@@ -542,6 +542,11 @@ class CuratedSFTDataset(IwsftSFTDataset):
     ref_logprobs: Dict[int, np.ndarray]
     num_mismatched: int = 0
 
+    def drop_counts(self) -> Dict[str, int]:
+        """As the base class, plus ``mismatched`` (rows skipped by ``on_mismatch: skip``): then
+        ``source_rows = kept + filtered + mismatched + too_long + no_label_tokens + invalid``."""
+        return {**super().drop_counts(), "mismatched": self.num_mismatched}
+
     def reference_log_probs(self):
         import torch
 
