@@ -20,7 +20,7 @@ from test_recipe import path_overrides, read_metrics, run_env, tiny_assets  # no
 REPO = Path(__file__).resolve().parents[1]
 TUNE = Path(sys.executable).parent / "tune"
 EXPECTED = ["tiny_cpu", "tiny_cpu_lora", "qwen_32b", "qwen_32b_lora", "qwen_7b", "qwen_7b_lora", "qwen_1_5b",
-            "qwen_1_5b_lora"]
+            "qwen_1_5b_lora", "selfcurate_tiny"]
 
 
 def test_shipped_pth_is_the_registry_line():
