@@ -27,6 +27,7 @@ class Episodes:
     source: str = ""  # where the data came from (for logs and reports)
     eval_env: str | None = None  # gymnasium id or EnvSpec JSON to evaluate in (None: the short name's default id)
     splits: dict | None = None  # loaders: how many unmarked episode ends were split, by cause (reported in summary)
+    eval_warning: str | None = None  # loaders: why scores in eval_env may not be comparable (--eval-env override)
 
     def __post_init__(self):
         self.observations = np.asarray(self.observations, dtype=np.float32)
@@ -86,7 +87,7 @@ class Episodes:
         steps = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
         return Episodes(self.observations[steps], self.actions[steps], self.rewards[steps],
                         np.concatenate([[0], np.cumsum(self.lengths[idx])]), self.terminated[idx], self.env, self.source,
-                        self.eval_env, self.splits)
+                        self.eval_env, self.splits, self.eval_warning)
 
     def normalized_returns(self) -> np.ndarray:
         return normalized_score(self.env, self.returns)
@@ -103,10 +104,13 @@ class Episodes:
             out["eval_env"] = describe_env(self.eval_env)
         if self.splits is not None:
             out["split_episodes"] = dict(self.splits)
+        if self.eval_warning is not None:  # only then: summaries of data without an override are unchanged
+            out["eval_warning"] = self.eval_warning
         return out
 
 
-def _from_lists(obs, act, rew, term, env, source, drop_nonfinite=False, eval_env=None, splits=None) -> Episodes:
+def _from_lists(obs, act, rew, term, env, source, drop_nonfinite=False, eval_env=None, splits=None,
+                eval_warning=None) -> Episodes:
     """Builds Episodes from per-episode arrays, optionally dropping episodes with NaN/inf values."""
     if drop_nonfinite:
         keep = [i for i in range(len(obs)) if all(np.isfinite(x).all() for x in (obs[i], act[i], rew[i]))]
@@ -115,7 +119,22 @@ def _from_lists(obs, act, rew, term, env, source, drop_nonfinite=False, eval_env
         raise ValueError(f"{source}: no episodes to load")
     lengths = [len(r) for r in rew]
     return Episodes(np.concatenate(obs), np.concatenate(act), np.concatenate(rew),
-                    np.concatenate([[0], np.cumsum(lengths)]), np.array(term, dtype=bool), env, source, eval_env, splits)
+                    np.concatenate([[0], np.cumsum(lengths)]), np.array(term, dtype=bool), env, source, eval_env, splits,
+                    eval_warning)
+
+
+def _check_env_override(env: str | None, recorded: str | None, source: str) -> None:
+    """Raises if `env` (--env) names another environment than the one the dataset records: scores would be
+    normalised with the wrong D4RL reference returns and evaluated in the wrong simulator."""
+    if env is None or recorded is None:
+        return
+    try:
+        rec = get_env(str(recorded)).name
+    except ValueError:  # the dataset names an environment we have no reference scores for: --env decides
+        return
+    if get_env(env).name != rec:
+        raise ValueError(f"{source}: --env {env!r} contradicts the dataset's own environment {str(recorded)!r}; "
+                         f"drop --env (the dataset's environment is used) or pass the dataset of {env!r}.")
 
 
 def _env_from_spec_id(env_id: str | None, source: str) -> str:
@@ -149,18 +168,24 @@ def load_minari(dataset: str | Path, env: str | None = None, drop_nonfinite: boo
             )
         ds = minari.load_dataset(str(dataset))
     spec = ds.spec.env_spec
+    _check_env_override(env, spec.id if spec is not None else None, f"minari:{dataset}")
     env_name = get_env(env).name if env else _env_from_spec_id(spec.id if spec is not None else None, str(dataset))
-    if eval_env is None and spec is not None:
+    eval_warning = None
+    if spec is not None:
         import warnings
         with warnings.catch_warnings():  # Minari warns about unmet `requirements` pins; the shape check decides
             warnings.simplefilter("ignore")
             e = ds.recover_environment(eval_env=True)
         try:
-            eval_env = e.spec.to_json()
+            own = e.spec.to_json()
         except ValueError:  # kwargs that JSON cannot hold (callables): fall back to the id (+ registered defaults)
-            eval_env = e.spec.id
+            own = e.spec.id
         finally:
             e.close()
+        if eval_env is not None:
+            eval_env, eval_warning = _warned(_override_minari_eval_env, eval_env, own, env_name, str(dataset))
+        else:
+            eval_env = own
     obs, act, rew, term = [], [], [], []
     for ep in ds.iterate_episodes():
         o = ep.observations
@@ -171,7 +196,48 @@ def load_minari(dataset: str | Path, env: str | None = None, drop_nonfinite: boo
         act.append(np.asarray(ep.actions)[:T])
         rew.append(np.asarray(ep.rewards))
         term.append(bool(np.asarray(ep.terminations)[-1]))
-    return _from_lists(obs, act, rew, term, env_name, f"minari:{dataset}", drop_nonfinite, eval_env)
+    return _from_lists(obs, act, rew, term, env_name, f"minari:{dataset}", drop_nonfinite, eval_env,
+                       eval_warning=eval_warning)
+
+
+def _warned(fn, *args, **kwargs):
+    """(fn(...), the text of the UserWarnings it raised or None); the warnings are shown too (the table repeats them)."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        out = fn(*args, **kwargs)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    for m in msgs:
+        warnings.warn(m, UserWarning, stacklevel=3)
+    return out, (" ".join(msgs) or None)
+
+
+def _override_minari_eval_env(override: str, own: str, env_name: str, source: str) -> str:
+    """--eval-env on a Minari dataset. The same id as the dataset's evaluation spec keeps that spec (its kwargs
+    and step limit); another id is built with its registered defaults, with a warning naming the kwargs / step limit
+    dropped and, when the version differs, that scores are not comparable. Raises for another environment."""
+    import warnings
+
+    from control.envs import describe_env, gym_id_version
+    if get_env(override).name != env_name:
+        raise ValueError(f"{source}: --eval-env {override!r} is not an environment of {env_name!r} (the dataset's "
+                         f"is {describe_env(own)['id']}); drop --eval-env or pass an id of {env_name!r}.")
+    d = describe_env(own)
+    if override == d["id"]:
+        return own  # same environment: keep the dataset's kwargs and step limit
+    new = describe_env(override)
+    dropped = {k: v for k, v in d["kwargs"].items() if new["kwargs"].get(k) != v}
+    msg = f"{source}: evaluating in {override} instead of the dataset's {d['id']}"
+    if gym_id_version(override) != gym_id_version(d["id"]):
+        msg += (f"; its version differs ({gym_id_version(override)} vs {gym_id_version(d['id'])}), so dynamics/reward "
+                f"may differ and scores are not comparable with the dataset's")
+    if dropped:
+        msg += f"; the dataset's env kwargs {dropped} are dropped ({override}'s registered defaults are used)"
+    if new["max_episode_steps"] != d["max_episode_steps"]:
+        msg += f"; step limit {new['max_episode_steps']} instead of the dataset's {d['max_episode_steps']}"
+    if msg != f"{source}: evaluating in {override} instead of the dataset's {d['id']}":
+        warnings.warn(msg + ".", UserWarning, stacklevel=3)
+    return override
 
 
 D4RL_FIELDS = ("observations", "actions", "rewards", "terminals", "timeouts")
@@ -182,14 +248,19 @@ def split_unmarked_ends(ends: np.ndarray, n: int, max_steps: int | None, next_ob
     """Adds episode ends that a file failed to mark (D4RL v0/v1 files miss some `timeouts`).
 
     ends: sorted exclusive end offsets [K] with ends[-1] == n. A step t (not already an end) also ends an episode
-      - where `next_obs[t]` differs from `obs[t+1]` (the next step does not continue this one), and
+      - where `next_obs[t]` differs from `obs[t+1]` (the next step does not continue this one; entries that are
+        NaN/inf on either side are ignored, so non-finite values never add an end), and
       - every `max_steps` steps of a run that is still longer than the environment's step limit (a time-limit end).
     Returns (new ends, {"discontinuity": count, "time_limit": count}) — counts of added ends.
     """
     ends = np.asarray(ends, dtype=np.int64)
     added = {"discontinuity": 0, "time_limit": 0}
     if next_obs is not None and obs is not None and n > 1:
-        same = np.isclose(next_obs[:-1], obs[1:], rtol=1e-5, atol=1e-6).all(axis=1)  # [n-1], t continues into t+1
+        a, b = next_obs[:-1], obs[1:]
+        # a NaN/inf never compares equal: such entries are not evidence of a gap (the non-finite check reports them,
+        # and must locate them in the file's real episodes, so they must not split one)
+        close = np.isclose(a, b, rtol=1e-5, atol=1e-6) | ~np.isfinite(a) | ~np.isfinite(b)
+        same = close.all(axis=1)  # [n-1], t continues into t+1
         gaps = np.flatnonzero(~same) + 1  # exclusive end after step t
         gaps = np.setdiff1d(gaps, ends)
         added["discontinuity"] = int(len(gaps))
@@ -239,14 +310,16 @@ def load_d4rl_hdf5(path: str | Path, env: str | None = None, drop_nonfinite: boo
                                  f"field must have one entry per step. Re-export the file.")
         if next_obs is not None and len(next_obs) != n:
             raise ValueError(f"{path}: field 'next_observations' has {len(next_obs)} entries but 'rewards' has {n}.")
-        name = env or f.attrs.get("env_name") or (f["metadata/env_name"][()] if "metadata/env_name" in f else None)
-    if isinstance(name, bytes):
-        name = name.decode()
+        recorded = f.attrs.get("env_name") or (f["metadata/env_name"][()] if "metadata/env_name" in f else None)
+    if isinstance(recorded, bytes):
+        recorded = recorded.decode()
+    _check_env_override(env, recorded, str(path))
+    name = env or recorded
     if name is None:
         stem = path.stem.lower()
         name = next((k for k in ("halfcheetah", "hopper", "walker2d") if stem.startswith(k)), None)
     env_name = _env_from_spec_id(name, str(path))
-    eval_id = eval_id_for_d4rl(env_name, override=eval_env)
+    eval_id, eval_warning = _warned(eval_id_for_d4rl, env_name, override=eval_env)
     if max_episode_steps is None:
         max_episode_steps = describe_env(eval_id)["max_episode_steps"]
     term_flags = data["terminals"].astype(bool).reshape(-1)
@@ -263,7 +336,7 @@ def load_d4rl_hdf5(path: str | Path, env: str | None = None, drop_nonfinite: boo
     act = [data["actions"][s:e] for s, e in zip(starts, ends)]
     rew = [data["rewards"][s:e].reshape(-1) for s, e in zip(starts, ends)]
     return _from_lists(obs, act, rew, [bool(term_flags[e - 1]) for e in ends], env_name, f"d4rl:{path.name}",
-                       drop_nonfinite, eval_id, splits)
+                       drop_nonfinite, eval_id, splits, eval_warning)
 
 
 def write_d4rl_hdf5(episodes: Episodes, path: str | Path) -> None:

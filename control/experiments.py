@@ -18,8 +18,10 @@ import csv
 import datetime
 import json
 import math
+import os
 import re
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -49,6 +51,7 @@ class ExperimentConfig:
     batch_size: int = 512  # sampled mode: transitions per gradient step
     full_episodes: int = 0  # >0: exact mode, whole-episode batches of this size (authors: BC 128, the rest 256)
     refresh_every: int = 1  # iw: refresh the per-episode log-ratios under q every N steps (1 = every step)
+    filter_fraction: float = 0.1  # filtered_bc / iwsft: top fraction of episodes by return (authors: 10%)
     eval_every: int = 500  # intermediate evaluation interval in steps (0 = final only)
     eval_episodes: int = 5  # episodes per intermediate evaluation
     final_eval_episodes: int = 100  # episodes of the final (reported) evaluation (authors: 100)
@@ -83,7 +86,7 @@ def train_config(cfg: ExperimentConfig, algo: str, seed: int) -> TrainConfig:
         return TrainConfig.bc(steps=cfg.bc_steps, full_episodes=cfg.full_episodes // 2,
                               **{**common, "log_every": max(1, min(100, cfg.bc_steps // 10))})
     return TrainConfig(algo=algo, steps=cfg.steps, refresh_every=cfg.refresh_every, full_episodes=cfg.full_episodes,
-                       warmup_steps=min(300, cfg.steps // 5), **common)
+                       warmup_steps=min(300, cfg.steps // 5), filter_fraction=cfg.filter_fraction, **common)
 
 
 def save_run(run_dir: Path, result: dict) -> None:
@@ -99,6 +102,37 @@ def save_run(run_dir: Path, result: dict) -> None:
     tmp.rename(run_dir / "result.json")  # written last: its presence marks the run finished
 
 
+def settings_changed(run_dir: Path, tcfg: TrainConfig, dataset: dict) -> dict:
+    """{field: (saved, requested)} where the finished run in `run_dir` differs from `tcfg` / `dataset`."""
+    result = json.loads((run_dir / "result.json").read_text())
+    saved = {**result["config"], "dataset": result.get("dataset")}
+    wanted = json.loads(json.dumps({**asdict(tcfg), "dataset": dataset}))  # tuples -> lists, as stored
+    return {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+
+
+def check_all_finished_runs(cfg: "ExperimentConfig", root: Path, dataset: dict) -> None:
+    """Before any training: raises listing every finished run under `root` whose settings or data differ from the
+    requested ones (each would otherwise be reported under settings it was not trained with)."""
+    bad = {}
+    for seed in range(cfg.seeds):
+        bc_policy = root / "bc" / f"seed{seed}" / "policy.pt"
+        bc_hash = state_hash(torch.load(bc_policy)) if (bc_policy.parent / "result.json").exists() else None
+        for algo in ["bc"] + [a for a in cfg.algos if a != "bc"]:
+            run_dir = root / algo / f"seed{seed}"
+            if (run_dir / "result.json").exists():
+                if algo != "bc" and (bc_hash is None or
+                                     json.loads((run_dir / "result.json").read_text()).get("init_hash") != bc_hash):
+                    continue  # made from another (or a missing) BC policy: retrained anyway (check_finished_run)
+                changed = settings_changed(run_dir, train_config(cfg, algo, seed), dataset)
+                if changed:
+                    bad[f"{algo}/seed{seed}"] = changed
+    if bad:
+        listing = "; ".join(f"{k}: {v}" for k, v in bad.items())
+        raise ValueError(f"{root} holds a finished run with other settings in {len(bad)} run folder(s) (field: "
+                         f"(saved, requested)): {listing}. Use another --out, or delete those run folders to retrain "
+                         f"them.")
+
+
 def check_finished_run(run_dir: Path, tcfg: TrainConfig, dataset: dict, init_hash: str | None = None) -> bool:
     """True if the finished run in `run_dir` can be reused. A run is reused only if it was trained with the same
     settings on the same data (else its score would be reported under settings it was not trained with: raises, the
@@ -109,9 +143,7 @@ def check_finished_run(run_dir: Path, tcfg: TrainConfig, dataset: dict, init_has
         print(f"{run_dir}: made from another BC policy (hash {result.get('init_hash')} != {init_hash}); retraining",
               flush=True)
         return False
-    saved = {**result["config"], "dataset": result.get("dataset")}
-    wanted = json.loads(json.dumps({**asdict(tcfg), "dataset": dataset}))  # tuples -> lists, as stored
-    changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    changed = settings_changed(run_dir, tcfg, dataset)
     if changed:
         raise ValueError(f"{run_dir} holds a finished run with other settings (field: (saved, requested)) {changed}; "
                          f"use another --out, or delete {run_dir} to retrain it.")
@@ -137,6 +169,11 @@ def run_seed(cfg: ExperimentConfig, seed: int, data: Episodes | None = None, alg
             ref = policy_from_state(init, tcfg.hidden, tcfg.layers)
         if (run_dir / "result.json").exists():
             if check_finished_run(run_dir, tcfg, data.summary(), init_hash):
+                done = json.loads((run_dir / "result.json").read_text())
+                line = (f"{algo} seed{seed}: skipped, finished run in {run_dir} reused "
+                        f"(final {done['final']['score_mean']:.1f})")
+                print(line, flush=True)
+                lines.append(line)
                 continue
             shutil.rmtree(run_dir)
         with tqdm(total=tcfg.steps, desc=f"{algo} seed{seed}", leave=False, mininterval=2,
@@ -160,6 +197,18 @@ def load_dataset_tag(cfg: ExperimentConfig) -> str:
     return _safe(cfg.dataset)
 
 
+def check_filter(cfg: ExperimentConfig, data: Episodes) -> None:
+    """Before BC trains: the top-fraction filter of filtered_bc / iwsft must keep at least one episode."""
+    need = [a for a in cfg.algos if a in ("filtered_bc", "iwsft")]
+    k = math.floor(cfg.filter_fraction * data.num_episodes + 1e-9)  # as iwsft.top_fraction_mask counts
+    if need and not 0 < cfg.filter_fraction <= 1:
+        raise ValueError(f"--filter-fraction {cfg.filter_fraction} must be in (0, 1].")
+    if need and k == 0:
+        raise ValueError(f"{data.source}: {', '.join(need)} keep the top {cfg.filter_fraction:g} of episodes by return, "
+                         f"which of {data.num_episodes} episodes is none; use more data, --filter-fraction >= "
+                         f"{1 / data.num_episodes:.3g}, or drop {', '.join(need)} from --algos.")
+
+
 def run_all(cfg: ExperimentConfig) -> Path:
     if cfg.seeds < 1:
         raise ValueError(f"seeds={cfg.seeds} must be >= 1 (--seeds N runs seeds 0..N-1).")
@@ -172,7 +221,9 @@ def run_all(cfg: ExperimentConfig) -> Path:
     # before any training: the data must fit the environment it will be evaluated in
     check_shapes(data.eval_env or get_env(data.env).gym_id, data.observations.shape[1], data.actions.shape[1],
                  data.source)
+    check_filter(cfg, data)
     root = Path(cfg.out) / tag
+    check_all_finished_runs(cfg, root, data.summary())
     root.mkdir(parents=True, exist_ok=True)
     (root / "dataset.json").write_text(json.dumps(data.summary(), indent=1))
     print(f"dataset: {json.dumps(data.summary())}", flush=True)
@@ -234,6 +285,7 @@ def write_table(root: Path) -> str:
              f"normalised return mean {ds.get('score_mean', float('nan')):.1f} / max {ds.get('score_max', float('nan')):.1f}"
              + (f"; unmarked episode ends split: {split}" if split is not None else "") + ".",
              f"Evaluated in `{ev.get('id')}`" + (f" with kwargs {ev.get('kwargs')}" if ev.get("kwargs") else "")
+             + (f" (warning: {ds['eval_warning'].rstrip('.')})" if ds.get("eval_warning") else "")
              + f". Loss reduction `{cfg0.get('reduction', 'step')}`, {mode}, importance weights refreshed every "
              f"{cfg0.get('refresh_every')} step(s).",
              "",
@@ -332,44 +384,75 @@ QUICK = dict(dataset="medium-replay", dataset_steps=50_000, algos=("bc", "filter
              bc_steps=2000, steps=500, eval_every=125, final_eval_episodes=10)
 
 
-def main(argv=None):
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError)  # bad input / settings: one line, no traceback
+
+
+def build_parser() -> argparse.ArgumentParser:
     d = ExperimentConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", default=None, help="environment for built datasets (default hopper); overrides a dataset's")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--env", default=None,
+                   help="environment (hopper, walker2d, halfcheetah): picks the simulator a built dataset is recorded "
+                        "and evaluated in (default hopper) and the D4RL reference scores; for a Minari dataset or "
+                        "D4RL file it only fills in an environment the data does not record (refused if it "
+                        "contradicts the recorded one)")
     p.add_argument("--dataset", default=d.dataset, help=f"a kind to build {KINDS}, a Minari id or directory")
-    p.add_argument("--d4rl-file", default=None, help="a D4RL-format HDF5 file")
-    p.add_argument("--dataset-steps", type=int, default=d.dataset_steps)
-    p.add_argument("--algos", default=",".join(d.algos), help=f"comma-separated, from {ALGOS}")
-    p.add_argument("--seeds", type=int, default=d.seeds)
-    p.add_argument("--bc-steps", type=int, default=d.bc_steps)
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--d4rl-file", default=None, help="a D4RL-format HDF5 file (overrides --dataset)")
+    p.add_argument("--dataset-steps", type=int, default=d.dataset_steps,
+                   help="size of a built dataset in environment steps (ignored for Minari ids and D4RL files)")
+    p.add_argument("--algos", default=",".join(d.algos), help=f"comma-separated, from {ALGOS}; bc always runs")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="runs seeds 0..N-1")
+    p.add_argument("--bc-steps", type=int, default=d.bc_steps, help="BC gradient steps (authors: 10k)")
+    p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning gradient steps of the others (authors: 2k)")
     p.add_argument("--reduction", default=d.reduction, choices=REDUCTIONS,
                    help="episode: the authors' (mean within each episode, episodes count ∝ w); step: ∝ w × length")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sampled mode: steps per batch")
     p.add_argument("--full-episodes", type=int, default=d.full_episodes,
-                   help="exact mode: whole episodes per fine-tuning batch (BC: half); authors 256 (slow: ~0.4 s/step)")
-    p.add_argument("--refresh-every", type=int, default=d.refresh_every)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-episodes", type=int, default=d.eval_episodes)
-    p.add_argument("--final-eval-episodes", type=int, default=d.final_eval_episodes)
+                   help="exact mode: whole episodes per fine-tuning batch (BC: half); authors 256 (slow: 832 ms CPU "
+                        "per step with 256 episodes on Hopper medium-replay, one core of a loaded box; 0 = sampled)")
+    p.add_argument("--refresh-every", type=int, default=d.refresh_every,
+                   help="iw algorithms: recompute the per-episode log-ratios under q every N steps (1 = exact)")
+    p.add_argument("--filter-fraction", type=float, default=d.filter_fraction,
+                   help="filtered_bc / iwsft: keep this top fraction of episodes by return (authors: 0.1)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="intermediate evaluation every N steps "
+                   "(0 = final only)")
+    p.add_argument("--eval-episodes", type=int, default=d.eval_episodes, help="episodes per intermediate evaluation")
+    p.add_argument("--final-eval-episodes", type=int, default=d.final_eval_episodes,
+                   help="episodes of the final, reported evaluation (authors: 100)")
     p.add_argument("--eval-env", default=None,
-                   help="gymnasium id to evaluate in instead of the dataset's own (D4RL files: <Env>-v4 by default)")
+                   help="gymnasium id to evaluate in instead of the dataset's own (D4RL files: <Env>-v4 by default); "
+                        "warns when its version, kwargs or step limit differ from the dataset's")
     p.add_argument("--workers", type=int, default=d.workers, help="seeds in parallel processes (one thread each)")
-    p.add_argument("--out", default=d.out)
+    p.add_argument("--out", default=d.out, help="output root (<out>/<dataset>/<algo>/seed<k>/)")
     p.add_argument("--drop-nonfinite", action="store_true", help="drop episodes with NaN/inf instead of failing")
     p.add_argument("--quick", action="store_true", help="small end-to-end demo: " + json.dumps(QUICK))
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    d = ExperimentConfig()
+    a = build_parser().parse_args(argv)
     cfg = ExperimentConfig(
         env=a.env, dataset=a.dataset, d4rl_file=a.d4rl_file, dataset_steps=a.dataset_steps,
         algos=tuple(x.strip() for x in a.algos.split(",") if x.strip()), seeds=a.seeds, bc_steps=a.bc_steps,
         steps=a.steps, reduction=a.reduction, batch_size=a.batch_size, full_episodes=a.full_episodes,
-        refresh_every=a.refresh_every, eval_every=a.eval_every, eval_episodes=a.eval_episodes,
-        final_eval_episodes=a.final_eval_episodes, eval_env=a.eval_env, out=a.out, drop_nonfinite=a.drop_nonfinite,
-        workers=a.workers)
+        refresh_every=a.refresh_every, filter_fraction=a.filter_fraction, eval_every=a.eval_every,
+        eval_episodes=a.eval_episodes, final_eval_episodes=a.final_eval_episodes, eval_env=a.eval_env, out=a.out,
+        drop_nonfinite=a.drop_nonfinite, workers=a.workers)
     if a.quick:
         cfg = replace(cfg, **QUICK, out=a.out if a.out != d.out else "runs/control-quick")
     t0 = time.time()
-    root = run_all(cfg)
+    try:
+        root = run_all(cfg)
+    except USER_ERRORS as e:  # our checks raise these with the field and the fix in the message
+        if os.environ.get("IWSFT_TRACEBACK"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg} (set IWSFT_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(2)
     print(f"done in {time.time() - t0:.0f}s; results in {root}")
 
 

@@ -167,3 +167,76 @@ def test_shipped_snapshots_exist_and_are_small():
     assert len(snaps) >= 10
     assert sum(p.stat().st_size for p in snaps) < 2_000_000
     assert all(p.parent == ASSETS / "hopper" for p in snaps)
+
+
+def _continuous_file(path, n_ep=4, T=50, env="hopper"):
+    """D4RL file of n_ep marked episodes of T steps whose next_observations continue exactly within each episode."""
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(n_ep * T, 11)).astype(np.float32)
+    nxt = np.roll(obs, -1, axis=0)  # next_obs[t] == obs[t+1]: no gap inside the file
+    tout = np.zeros(n_ep * T, bool)
+    tout[T - 1::T] = True
+    with h5py.File(path, "w") as f:
+        f["observations"], f["next_observations"] = obs, nxt
+        f["actions"], f["rewards"] = np.zeros((n_ep * T, 3), np.float32), np.ones(n_ep * T, np.float32)
+        f["terminals"], f["timeouts"] = np.zeros(n_ep * T, bool), tout
+        f.attrs["env_name"] = env
+    return obs, nxt
+
+
+def test_nan_observation_is_located_in_its_real_episode(tmp_path):
+    """A NaN at file row 123 (episode 2, step 23 of 50-step episodes) must neither split episode 2 (NaN never compares
+    equal to next_observations) nor be reported as episode 3; --drop-nonfinite drops all of episode 2."""
+    path = tmp_path / "hopper_nan.hdf5"
+    obs, nxt = _continuous_file(path)
+    with h5py.File(path, "r+") as f:
+        f["observations"][123, 5] = np.nan
+        f["next_observations"][122, 5] = np.nan  # the same value seen as the previous step's next observation
+    with pytest.raises(ValueError, match=r"field 'observations' has NaN/inf values at 1 steps \(first: episode 2, "
+                                         r"step 23\)"):
+        load_d4rl_hdf5(path)
+    kept = load_d4rl_hdf5(path, drop_nonfinite=True)
+    np.testing.assert_array_equal(kept.offsets, [0, 50, 100, 150])  # episodes 0, 1, 3 whole
+    np.testing.assert_array_equal(kept.observations[100:150], obs[150:200])
+    assert kept.splits == {"discontinuity": 0, "time_limit": 0}
+
+
+def test_env_contradicting_the_dataset_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "data.hdf5"
+    _continuous_file(path, env="walker2d")  # shapes do not matter here: the refusal comes first
+    with pytest.raises(ValueError, match=r"--env 'hopper' contradicts the dataset's own environment 'walker2d'.*"
+                                         r"drop --env"):
+        load_d4rl_hdf5(path, env="hopper")
+    assert load_d4rl_hdf5(path, env="walker2d").env == "walker2d"  # agreeing is fine
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    e = hopper_like(1)
+    save_minari(e, "iwsft-test/hopper/env-v0", np.zeros((e.num_episodes, 11)))
+    with pytest.raises(ValueError, match=r"--env 'walker2d' contradicts the dataset's own environment 'Hopper-v5'"):
+        load_minari("iwsft-test/hopper/env-v0", env="walker2d")
+
+
+def test_eval_env_override_on_minari_keeps_or_names_what_it_drops(tmp_path, monkeypatch):
+    import json
+
+    import gymnasium as gym
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    e = hopper_like(2)
+    env = gym.make("Hopper-v5", healthy_reward=2.5, max_episode_steps=300)
+    save_minari(e, "iwsft-test/hopper/kw-v0", np.zeros((e.num_episodes, 11)), env=env)
+    env.close()
+    own = json.loads(load_minari("iwsft-test/hopper/kw-v0").eval_env)
+    assert own["kwargs"]["healthy_reward"] == 2.5 and own["max_episode_steps"] == 300
+    # the same id: the dataset's kwargs and step limit are kept, silently
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = load_minari("iwsft-test/hopper/kw-v0", eval_env="Hopper-v5")
+    assert json.loads(same.eval_env)["kwargs"]["healthy_reward"] == 2.5 and "eval_warning" not in same.summary()
+    # another version: warned, naming the dropped kwarg, the step limit and the version; kept in the summary
+    with pytest.warns(UserWarning) as w:
+        other = load_minari("iwsft-test/hopper/kw-v0", eval_env="Hopper-v4")
+    msg = " ".join(str(x.message) for x in w)
+    assert "v4 vs v5" in msg and "'healthy_reward': 2.5" in msg and "step limit 1000 instead of the dataset's 300" in msg
+    assert other.eval_env == "Hopper-v4" and "healthy_reward" in other.summary()["eval_warning"]
+    with pytest.raises(ValueError, match="not an environment of 'hopper'"):
+        load_minari("iwsft-test/hopper/kw-v0", eval_env="Walker2d-v4")

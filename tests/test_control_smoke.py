@@ -49,7 +49,7 @@ def test_all_algorithms_on_a_built_dataset(tmp_path):
     mtime = (root / "iwsft" / "seed0" / "result.json").stat().st_mtime
     out2 = run(["--env", "hopper", "--dataset", "medium-replay", "--dataset-steps", "3000", "--algos", algos, *TINY],
                tmp_path)
-    assert "seed0: score" not in out2
+    assert "seed0: score" not in out2 and f"bc seed0: skipped, finished run in {root / 'bc' / 'seed0'} reused" in out2
     assert (root / "iwsft" / "seed0" / "result.json").stat().st_mtime == mtime
     # ... but a finished run is never reused for other settings (its score would be reported under them)
     other = [("21" if x == "20" else x) for x in TINY]  # --steps 21
