@@ -268,11 +268,9 @@ def score_aime(output: str, gold: str | int, *, gen_tokens: int | None = None,
     :func:`check_gold`."""
     output, gold = check_output(output), check_gold("aime", gold)
     with time_budget(TIME_BUDGET_S):
-        region = _region(output, gen_tokens, max_gen_toks)
-        reading = final_math_answer(region, allow_fallback=not _known_truncated(gen_tokens, max_gen_toks)) \
-            if region is not None else None
-        if reading is None:
-            return _unread(output, gen_tokens, max_gen_toks)
+        reading = _read_math(output, gen_tokens, max_gen_toks)
+        if isinstance(reading, Verdict):
+            return reading
         gold_int = as_integer(gold)
         pred_int = as_integer(reading.text)
         if pred_int is None:
@@ -286,16 +284,22 @@ def _known_truncated(gen_tokens, max_gen_toks) -> bool:
     return gen_tokens is not None and max_gen_toks is not None and gen_tokens >= max_gen_toks
 
 
+def _read_math(output: str, gen_tokens, max_gen_toks):
+    """The final math answer read from the assistant turn, or the unread :class:`Verdict` (no_answer/truncated)."""
+    region = _region(output, gen_tokens, max_gen_toks)
+    reading = final_math_answer(region, allow_fallback=not _known_truncated(gen_tokens, max_gen_toks)) \
+        if region is not None else None
+    return reading if reading is not None else _unread(output, gen_tokens, max_gen_toks)
+
+
 def score_math(output: str, gold: str, *, gen_tokens: int | None = None, max_gen_toks: int | None = None) -> Verdict:
     """MATH500: math-verify equivalence of the answer read and the gold answer (percent, degree and unit signs
     dropped on both sides). Raises as :func:`check_output` / :func:`check_gold`."""
     output, gold = check_output(output), check_gold("math", gold)
     with time_budget(TIME_BUDGET_S):
-        region = _region(output, gen_tokens, max_gen_toks)
-        reading = final_math_answer(region, allow_fallback=not _known_truncated(gen_tokens, max_gen_toks)) \
-            if region is not None else None
-        if reading is None:
-            return _unread(output, gen_tokens, max_gen_toks)
+        reading = _read_math(output, gen_tokens, max_gen_toks)
+        if isinstance(reading, Verdict):
+            return reading
         return Verdict(reading.text, parsed_equal(gold, reading.parsed), True)
 
 
