@@ -1121,42 +1121,32 @@ class IWSFTRecipeDistributed:
                         self.skipped[skip] += 1
                         utils.log_rank_zero(log, f"step {self.global_step + 1}: no label tokens in the global batch "
                                                  f"(sample ids {_ids_str(step_ids)}): step skipped, not logged.")
-                    self.global_step += 1
-                    if self._lr_scheduler is not None:
-                        self._lr_scheduler.step()
-                    pbar.update(1)
-                    running_loss.zero_()
-                    running_nll.zero_()
-                    num_tokens.zero_()
-                    loss_denom.zero_()
-                    step_weights, step_logratio, step_ids, step_flags = [], [], [], []
-                    t0 = time.perf_counter()
-                    continue
-                self._optimizer.step()
-                self._optimizer.zero_grad(set_to_none=True)
-                if self._q_ema is not None:
-                    self._q_ema.update(self._model)
+                else:
+                    self._optimizer.step()
+                    self._optimizer.zero_grad(set_to_none=True)
+                    if self._q_ema is not None:
+                        self._q_ema.update(self._model)
                 self.global_step += 1
                 lr = get_lr(self._optimizer)
                 if self._lr_scheduler is not None:
                     self._lr_scheduler.step()
-
-                loss_val = loss_tot / n_den
-                stats = self._weight_stats(step_weights, step_logratio) if iw else {}
                 pbar.update(1)
-                pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {loss_val:.4f}")
-                if self.global_step % self._log_every_n_steps == 0:
-                    dt = time.perf_counter() - t0
-                    metrics = {"loss": loss_val, "nll": nll_tot / n_tok, "lr": lr,
-                               "tokens_per_second_per_gpu": n_tok / (dt * self.world_size),
-                               "epoch": epoch}
-                    if grad_norm is not None:
-                        metrics["grad_norm"] = float(grad_norm)
-                    metrics.update(stats)
-                    if self._log_peak_memory_stats:
-                        metrics.update(training.get_memory_stats(device=self._device))
-                    if self._is_rank_zero:
-                        self._metric_logger.log_dict(metrics, step=self.global_step)
+                if skip is None:
+                    loss_val = loss_tot / n_den
+                    stats = self._weight_stats(step_weights, step_logratio) if iw else {}
+                    pbar.set_description(f"{epoch + 1}|{self.global_step}|loss {loss_val:.4f}")
+                    if self.global_step % self._log_every_n_steps == 0:
+                        dt = time.perf_counter() - t0
+                        metrics = {"loss": loss_val, "nll": nll_tot / n_tok, "lr": lr,
+                                   "tokens_per_second_per_gpu": n_tok / (dt * self.world_size),
+                                   "epoch": epoch}
+                        if grad_norm is not None:
+                            metrics["grad_norm"] = float(grad_norm)
+                        metrics.update(stats)
+                        if self._log_peak_memory_stats:
+                            metrics.update(training.get_memory_stats(device=self._device))
+                        if self._is_rank_zero:
+                            self._metric_logger.log_dict(metrics, step=self.global_step)
                 running_loss.zero_()
                 running_nll.zero_()
                 num_tokens.zero_()
