@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_control.py                 # speed (needs the medium-replay dataset)
     OMP_NUM_THREADS=1 python benchmarks/bench_control.py --full-run      # also time BC (10k) + iw-SFT (2k) end to end
-    OMP_NUM_THREADS=1 python benchmarks/bench_control.py --dynamics 2000 # weight max / ESS: default vs exact mode
+    OMP_NUM_THREADS=1 python benchmarks/bench_control.py --dynamics 2000 --bc-steps 10000  # max weight / ESS: exact
+                                                                           # mode vs the sampled approximation
     OMP_NUM_THREADS=1 python benchmarks/bench_control.py --dynamics-small # the same at small scale vs the authors' loop
     OMP_NUM_THREADS=1 python benchmarks/bench_control.py --step-cost     # CPU time per step of each algorithm
 
@@ -11,11 +12,11 @@ Speed: one iw-SFT gradient step three ways on Hopper medium-replay, all from the
           per-episode reduction −mean_i[(w_i/Σw) Σ_t log π / T_i]
   exact   our trainer with whole episodes (flat, no padding), log-ratios refreshed every step for the batch's
           episodes, policy and q run once per distinct step of the batch (same loss and gradient, × B)
-  fast    our trainer's default: 512 steps drawn from a virtual batch of 256 episodes ∝ weight, log-ratios of all
-          training episodes refreshed every step
+  fast    the sampled approximation (`--full-episodes 0`): 512 steps drawn from a virtual batch of 256 episodes ∝
+          weight, log-ratios of all training episodes refreshed every step
 naive and exact are first checked to give the same loss on the same batch.
---dynamics N: max weight and ESS of all training episodes every 25 steps over N iw-SFT steps, default vs exact
-(written to --dynamics-out as JSON and PNG).
+--dynamics N: max weight and ESS of all training episodes every 25 steps over N iw-SFT steps, exact mode vs the
+sampled approximation (--modes; written to --dynamics-out as JSON and PNG; --bc-policy reuses a trained BC policy).
 """
 from __future__ import annotations
 
@@ -219,6 +220,11 @@ def main(argv=None):
     p.add_argument("--dynamics-small", action="store_true",
                    help="whole-run weight dynamics at small scale vs the authors' padded loop (docs plot; ~1 min)")
     p.add_argument("--bc-steps", type=int, default=200, help="BC steps for p_ref (--dynamics: use 10000)")
+    p.add_argument("--bc-policy", default=None,
+                   help="a trained BC policy.pt (e.g. runs/control/<dataset>/bc/seed0/policy.pt) instead of --bc-steps")
+    p.add_argument("--modes", default="sampled,exact,stale",
+                   help="--dynamics modes, from sampled, exact, stale, exact_step (exact mode with the per-step "
+                        "reduction) (default: %(default)s)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.dynamics_small:
@@ -232,14 +238,25 @@ def main(argv=None):
         print(json.dumps(step_cost(data), indent=1))
         return
     bc = Trainer(TrainConfig.bc(steps=a.bc_steps), data)  # a briefly trained BC policy is enough for timing
-    for _ in range(a.bc_steps):
-        bc.train_step()
+    if a.bc_policy:
+        bc.policy.load_state_dict(torch.load(a.bc_policy))
+    else:
+        for _ in range(a.bc_steps):
+            bc.train_step()
     init, ref = bc.policy.state_dict(), copy.deepcopy(bc.policy).eval().requires_grad_(False)
     res = {"dataset": data.summary(), "threads": 1, "episodes_per_batch": a.episodes, "versions": versions()}
     if a.dynamics:
-        modes = {"default (sampled, refresh 1)": {},
-                 f"exact ({a.episodes} whole episodes)": {"full_episodes": a.episodes, "refresh_every": 1},
-                 "sampled, refresh 10 (stale)": {"refresh_every": 10}}
+        known = {"sampled": ("sampled approximation (512 steps/batch, refresh 1)", {}),
+                 "exact": (f"exact, {a.episodes} whole episodes (the default since issue 8's rerun)",
+                           {"full_episodes": a.episodes, "refresh_every": 1}),
+                 "stale": ("sampled approximation, refresh 10 (stale)", {"refresh_every": 10}),
+                 "exact_step": (f"exact, per-step reduction (before issue 8)",
+                                {"full_episodes": a.episodes, "refresh_every": 1, "reduction": "step"})}
+        bad = [m for m in a.modes.split(",") if m not in known]
+        if bad:
+            p.error(f"--modes: unknown {bad}; choose from {sorted(known)}")
+        modes = dict(known[m] for m in a.modes.split(","))
+        res["bc_policy"] = a.bc_policy or f"{a.bc_steps} BC steps"
         res["dynamics"] = weight_dynamics(data, init, ref, a.dynamics, modes)
         Path(a.dynamics_out + ".json").write_text(json.dumps(res, indent=1, default=float))
         plot_dynamics(res["dynamics"], Path(a.dynamics_out + ".png"))

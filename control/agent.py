@@ -1,9 +1,18 @@
-"""The behaviour agent: stable-baselines3 PPO, saved along the way as small numpy policy snapshots.
+"""The behaviour agents: stable-baselines3 PPO, saved along the way as small numpy policy snapshots.
 
-Training is resumable (a full SB3 checkpoint is kept under --workdir); the snapshots (a few tens of KB each) go to
+Hyperparameters per environment (``HYPERPARAMS``): Hopper uses SB3's PPO defaults (its shipped snapshots were trained
+so); Walker2d and HalfCheetah use rl-zoo3's tuned PPO settings for ``Walker2d-v4`` / ``HalfCheetah-v4``
+(rl_zoo3 2.9.2, hyperparams/ppo.yml), including their observation normalisation (``VecNormalize``), whose running
+mean/variance at each snapshot are stored in the snapshot. PPO rather than rl-zoo3's SAC/TD3: on one CPU core SB3's
+SAC runs ~40 environment steps/s (one 256x256 gradient step per environment step), so reaching D4RL's "medium" level
+would take hours; tuned PPO runs ~300-500 steps/s and gets there within ~30 min.
+
+Training is resumable (the SB3 checkpoint and normaliser are kept under --workdir); the snapshots go to
 control/assets/<env>/ and are all that `control.data` needs to rebuild the datasets on a fresh machine.
 
-    OMP_NUM_THREADS=1 python -m control.agent --env hopper --total-steps 300000
+    OMP_NUM_THREADS=1 python -m control.agent --env hopper                       # 300k steps (shipped)
+    OMP_NUM_THREADS=1 python -m control.agent --env walker2d                     # rl-zoo3 tuned PPO
+    OMP_NUM_THREADS=1 python -m control.agent --env halfcheetah
 """
 from __future__ import annotations
 
@@ -12,39 +21,68 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from control.envs import get_env
+from control.envs import get_env, normalized_score
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+
+# PPO settings per environment. "zoo" entries are rl-zoo3 2.9.2's tuned values (hyperparams/ppo.yml, the -v4 envs);
+# total_steps / snapshot_every are ours: stop when the agent is at D4RL's "medium" level, ~12-30 snapshots.
+HYPERPARAMS = {
+    "hopper": dict(total_steps=300_000, snapshot_every=10_240, normalize=False, half=False, ppo={}),
+    "walker2d": dict(
+        total_steps=1_000_000, snapshot_every=51_200, normalize=True, half=False,
+        ppo=dict(batch_size=32, n_steps=512, gamma=0.99, learning_rate=5.05041e-05, ent_coef=0.000585045,
+                 clip_range=0.1, n_epochs=20, gae_lambda=0.95, max_grad_norm=1.0, vf_coef=0.871923)),
+    "halfcheetah": dict(
+        total_steps=1_000_000, snapshot_every=51_200, normalize=True, half=True,  # 256x256 nets: fp16 snapshots
+        ppo=dict(batch_size=64, n_steps=512, gamma=0.98, learning_rate=2.0633e-05, ent_coef=0.000401762,
+                 clip_range=0.1, n_epochs=20, gae_lambda=0.92, max_grad_norm=0.8, vf_coef=0.58096,
+                 policy_kwargs=dict(log_std_init=-2, ortho_init=False, activation_fn="relu",
+                                    net_arch=dict(pi=[256, 256], vf=[256, 256])))),
+}
 
 
 @dataclass
 class AgentConfig:
     env: str = "hopper"  # environment short name (control.envs.ENVS)
-    total_steps: int = 300_000  # environment steps of PPO training in total (resuming counts earlier steps)
-    snapshot_every: int = 10_240  # save a policy snapshot every this many steps (best a multiple of PPO's n_steps=2048)
+    total_steps: Optional[int] = None  # environment steps in total (resuming counts earlier ones); None: HYPERPARAMS
+    snapshot_every: Optional[int] = None  # steps between snapshots (best a multiple of n_steps); None: HYPERPARAMS
     seed: int = 0  # PPO seed
     workdir: str = "runs/agents"  # where the resumable SB3 checkpoint lives (not shipped)
     assets: str = str(ASSETS)  # where the snapshots go (shipped)
 
 
 class SnapshotPolicy:
-    """Numpy forward of an SB3 MlpPolicy actor (tanh MLP -> mean, state-independent log-std)."""
+    """Numpy forward of an SB3 PPO MlpPolicy actor: [obs normalisation] -> MLP (tanh or relu) -> mean action,
+    state-independent log-std. Snapshots without normalisation/activation fields are tanh and unnormalised."""
 
     def __init__(self, path: str | Path):
         z = np.load(path)
-        self.layers = [(z[f"w{i}"], z[f"b{i}"]) for i in range(3)]
-        self.std = np.exp(z["log_std"])
+        n = sum(1 for k in z.files if k.startswith("w"))
+        self.layers = [(z[f"w{i}"].astype(np.float32), z[f"b{i}"].astype(np.float32)) for i in range(n)]
+        self.std = np.exp(z["log_std"].astype(np.float32))
+        activation = str(z["activation"]) if "activation" in z.files else "tanh"  # older snapshots: tanh
+        self.act_fn = np.tanh if activation == "tanh" else (lambda x: np.maximum(x, 0.0))
+        if "obs_mean" in z.files:  # SB3 VecNormalize: clip((obs - mean) / sqrt(var + eps), -clip, clip)
+            self.obs_mean, self.obs_scale = z["obs_mean"], 1.0 / np.sqrt(z["obs_var"] + float(z["obs_eps"]))
+            self.obs_clip = float(z["obs_clip"])
+        else:
+            self.obs_mean = None
         self.steps = int(z["steps"])
         self.train_return = float(z["train_return"])
         self.path = Path(path)
 
     def mean(self, obs: np.ndarray) -> np.ndarray:
-        h = np.asarray(obs, dtype=np.float32)
+        h = np.asarray(obs, dtype=np.float64)
+        if self.obs_mean is not None:
+            h = np.clip((h - self.obs_mean) * self.obs_scale, -self.obs_clip, self.obs_clip)
+        h = h.astype(np.float32)
         for w, b in self.layers[:-1]:
-            h = np.tanh(h @ w.T + b)
+            h = self.act_fn(h @ w.T + b)
         w, b = self.layers[-1]
         return h @ w.T + b
 
@@ -68,16 +106,24 @@ def list_snapshots(env: str, assets: str | Path = ASSETS) -> list[Path]:
     return snaps
 
 
-def _save_snapshot(model, steps: int, out_dir: Path) -> Path:
+def _save_snapshot(model, steps: int, out_dir: Path, vecnorm=None, half: bool = False) -> Path:
+    """Writes the actor of `model` (and the observation normaliser `vecnorm`, if any) as snap_<steps>.npz."""
     sd = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.policy.state_dict().items()}
+    hidden = sorted(int(k.split(".")[2]) for k in sd if k.startswith("mlp_extractor.policy_net.") and k.endswith("weight"))
+    ws = [sd[f"mlp_extractor.policy_net.{i}.weight"] for i in hidden] + [sd["action_net.weight"]]
+    bs = [sd[f"mlp_extractor.policy_net.{i}.bias"] for i in hidden] + [sd["action_net.bias"]]
+    dt = np.float16 if half else np.float32
+    act = model.policy.mlp_extractor.policy_net[1].__class__.__name__.lower()  # "tanh" / "relu"
+    extra = {}
+    if vecnorm is not None:
+        extra = dict(obs_mean=vecnorm.obs_rms.mean.astype(np.float64), obs_var=vecnorm.obs_rms.var.astype(np.float64),
+                     obs_eps=np.float64(vecnorm.epsilon), obs_clip=np.float64(vecnorm.clip_obs))
     rets = [ep["r"] for ep in model.ep_info_buffer] if model.ep_info_buffer else [float("nan")]
     path = out_dir / f"snap_{steps:08d}.npz"
     np.savez_compressed(
-        path,
-        w0=sd["mlp_extractor.policy_net.0.weight"], b0=sd["mlp_extractor.policy_net.0.bias"],
-        w1=sd["mlp_extractor.policy_net.2.weight"], b1=sd["mlp_extractor.policy_net.2.bias"],
-        w2=sd["action_net.weight"], b2=sd["action_net.bias"], log_std=sd["log_std"],
-        steps=np.int64(steps), train_return=np.float64(np.mean(rets)),
+        path, **{f"w{i}": w.astype(dt) for i, w in enumerate(ws)}, **{f"b{i}": b.astype(dt) for i, b in enumerate(bs)},
+        log_std=sd["log_std"], activation=np.array(act), steps=np.int64(steps),
+        train_return=np.float64(np.mean(rets)), **extra,
     )
     return path
 
@@ -87,39 +133,61 @@ def train_agent(cfg: AgentConfig) -> list[Path]:
     import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
     torch.set_num_threads(1)
     spec = get_env(cfg.env)
+    hp = HYPERPARAMS[spec.name]
+    total = cfg.total_steps or hp["total_steps"]
+    every = cfg.snapshot_every or hp["snapshot_every"]
     out_dir = Path(cfg.assets) / spec.name
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Path(cfg.workdir) / spec.name / "ppo.zip"
+    norm_path = ckpt.with_name("vecnormalize.pkl")
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    env = gym.make(spec.gym_id)
+    env = DummyVecEnv([lambda: Monitor(gym.make(spec.gym_id))])
+    if hp["normalize"]:
+        env = VecNormalize.load(str(norm_path), env) if norm_path.exists() else VecNormalize(env)
+    kw = dict(hp["ppo"])
+    if "policy_kwargs" in kw:
+        pk = dict(kw["policy_kwargs"])
+        pk["activation_fn"] = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh}[pk["activation_fn"]]
+        kw["policy_kwargs"] = pk
     if ckpt.exists():
         model = PPO.load(ckpt, env=env, device="cpu")
         print(f"resuming from {ckpt} at {model.num_timesteps} steps", flush=True)
     else:
-        model = PPO("MlpPolicy", env, seed=cfg.seed, device="cpu", verbose=0)
-    t0 = time.time()
+        model = PPO("MlpPolicy", env, seed=cfg.seed, device="cpu", verbose=0, **kw)
+    vecnorm = env if hp["normalize"] else None
+    t0, c0 = time.time(), time.process_time()
+
+    def checkpoint(n: int) -> Path:
+        p = _save_snapshot(model, n, out_dir, vecnorm, hp["half"])
+        model.save(ckpt)
+        if vecnorm is not None:
+            vecnorm.save(str(norm_path))
+        ret = float(np.mean([e["r"] for e in model.ep_info_buffer])) if model.ep_info_buffer else float("nan")
+        print(json.dumps({"steps": n, "train_return": round(ret, 1),
+                          "train_score": round(float(normalized_score(spec, ret)), 1), "snapshot": p.name,
+                          "elapsed_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}),
+              flush=True)
+        return p
 
     class Snapshots(BaseCallback):
         def _on_rollout_start(self) -> None:  # called after each policy update, before collecting again
             n, rollout = self.model.num_timesteps, self.model.n_steps * self.model.n_envs
-            if n > 0 and n % cfg.snapshot_every < rollout:  # first rollout boundary past each multiple
-                p = _save_snapshot(self.model, n, out_dir)
-                self.model.save(ckpt)
-                ret = float(np.mean([e["r"] for e in self.model.ep_info_buffer]))
-                print(json.dumps({"steps": n, "train_return": round(ret, 1), "snapshot": p.name,
-                                  "elapsed_s": round(time.time() - t0, 1)}), flush=True)
+            # first rollout boundary past each multiple (a resumed run starts on the one it saved last)
+            if n > 0 and n % every < rollout and not (out_dir / f"snap_{n:08d}.npz").exists():
+                checkpoint(n)
 
         def _on_step(self) -> bool:
             return True
 
-    remaining = cfg.total_steps - model.num_timesteps
+    remaining = total - model.num_timesteps
     if remaining > 0:
         model.learn(remaining, callback=Snapshots(), reset_num_timesteps=False)
-        _save_snapshot(model, model.num_timesteps, out_dir)
-        model.save(ckpt)
+        checkpoint(model.num_timesteps)
     return list_snapshots(cfg.env, cfg.assets)
 
 
@@ -127,8 +195,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = AgentConfig()
     p.add_argument("--env", default=d.env)
-    p.add_argument("--total-steps", type=int, default=d.total_steps)
-    p.add_argument("--snapshot-every", type=int, default=d.snapshot_every)
+    p.add_argument("--total-steps", type=int, default=None, help="default: per environment (HYPERPARAMS)")
+    p.add_argument("--snapshot-every", type=int, default=None, help="default: per environment (HYPERPARAMS)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workdir", default=d.workdir)
     p.add_argument("--assets", default=d.assets)

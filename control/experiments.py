@@ -48,8 +48,9 @@ class ExperimentConfig:
     bc_steps: int = 10_000  # BC gradient steps (authors: 10k, Adam 1e-3)
     steps: int = 2000  # fine-tuning gradient steps of the other algorithms (authors: 2k, Adam 4e-5)
     reduction: str = "episode"  # "episode" (the authors': mean within each episode) or "step" (see control.train)
-    batch_size: int = 512  # sampled mode: transitions per gradient step
-    full_episodes: int = 0  # >0: exact mode, whole-episode batches of this size (authors: BC 128, the rest 256)
+    batch_size: int = 512  # sampled approximation: transitions per gradient step
+    full_episodes: int = 256  # fine-tuning batches of this many whole episodes (exact, the authors'); 0: sampled approx.
+    bc_full_episodes: int = 0  # BC batches of whole episodes (authors: 128; slow on CPU); 0: sampled approximation
     refresh_every: int = 1  # iw: refresh the per-episode log-ratios under q every N steps (1 = every step)
     filter_fraction: float = 0.1  # filtered_bc / iwsft: top fraction of episodes by return (authors: 10%)
     eval_every: int = 500  # intermediate evaluation interval in steps (0 = final only)
@@ -83,7 +84,7 @@ def train_config(cfg: ExperimentConfig, algo: str, seed: int) -> TrainConfig:
                   final_eval_episodes=cfg.final_eval_episodes, log_every=max(1, min(100, cfg.steps // 10)),
                   reduction=cfg.reduction)
     if algo == "bc":  # authors: batches of 128 episodes for BC, 256 for the rest
-        return TrainConfig.bc(steps=cfg.bc_steps, full_episodes=cfg.full_episodes // 2,
+        return TrainConfig.bc(steps=cfg.bc_steps, full_episodes=cfg.bc_full_episodes,
                               **{**common, "log_every": max(1, min(100, cfg.bc_steps // 10))})
     return TrainConfig(algo=algo, steps=cfg.steps, refresh_every=cfg.refresh_every, full_episodes=cfg.full_episodes,
                        warmup_steps=min(300, cfg.steps // 5), filter_fraction=cfg.filter_fraction, **common)
@@ -276,8 +277,13 @@ def write_table(root: Path) -> str:
     ev = first.get("eval_env") or ds.get("eval_env") or {}
     cfg0 = (results.get("iwsft") or results.get("iwsft_q") or results.get("filtered_bc") or [first])[0].get("config", {})
     mode = (f"exact ({cfg0.get('full_episodes')} whole episodes per batch)" if cfg0.get("full_episodes")
-            else f"sampled ({cfg0.get('batch_size')} steps per batch drawn from a virtual batch of "
+            else f"sampled approximation ({cfg0.get('batch_size')} steps per batch drawn from a virtual batch of "
                  f"{cfg0.get('virtual_episodes')} episodes ∝ weight)")
+    bc0 = (results.get("bc") or [{}])[0].get("config", {})
+    if bc0:
+        mode = "fine-tuning " + mode + ("; BC exact ({} whole episodes per batch)".format(bc0["full_episodes"])
+                                        if bc0.get("full_episodes") else
+                                        "; BC sampled approximation ({} steps per batch)".format(bc0.get("batch_size")))
     split = ds.get("split_episodes")
     lines = [f"Generated {datetime.date.today().isoformat()} with " + ", ".join(f"{k} {v}" for k, v in vers.items())
              + ".", "",
@@ -380,8 +386,9 @@ def plot(root: Path) -> None:
         plt.close(fig)
 
 
+# the quick demo shows the plumbing in a few minutes: the sampled approximation (its table header says so)
 QUICK = dict(dataset="medium-replay", dataset_steps=50_000, algos=("bc", "filtered_bc", "iwsft"), seeds=1,
-             bc_steps=2000, steps=500, eval_every=125, final_eval_episodes=10)
+             bc_steps=2000, steps=500, eval_every=125, final_eval_episodes=10, full_episodes=0)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -409,10 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning gradient steps of the others (authors: 2k)")
     p.add_argument("--reduction", default=d.reduction, choices=REDUCTIONS,
                    help="episode: the authors' (mean within each episode, episodes count ∝ w); step: ∝ w × length")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sampled mode: steps per batch")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sampled approximation: steps per batch")
     p.add_argument("--full-episodes", type=int, default=d.full_episodes,
-                   help="exact mode: whole episodes per fine-tuning batch (BC: half); authors 256 (slow: 832 ms CPU "
-                        "per step with 256 episodes on Hopper medium-replay, one core of a loaded box; 0 = sampled)")
+                   help="whole episodes per fine-tuning batch, the authors' layout and weight dynamics (832 ms CPU "
+                        "per iw-SFT step with 256 episodes on Hopper medium-replay, one core of a loaded box); 0 = the sampled approximation (4x cheaper, but its "
+                        "noisier gradients move the policy less under Adam and its weights stay flat at full scale: "
+                        "docs/control.md)")
+    p.add_argument("--bc-full-episodes", type=int, default=d.bc_full_episodes,
+                   help="whole episodes per BC batch (authors: 128; slow on CPU: BC runs 10k steps over all episodes); "
+                        "0 = sampled approximation")
     p.add_argument("--refresh-every", type=int, default=d.refresh_every,
                    help="iw algorithms: recompute the per-episode log-ratios under q every N steps (1 = exact)")
     p.add_argument("--filter-fraction", type=float, default=d.filter_fraction,
@@ -439,7 +451,7 @@ def main(argv=None):
         env=a.env, dataset=a.dataset, d4rl_file=a.d4rl_file, dataset_steps=a.dataset_steps,
         algos=tuple(x.strip() for x in a.algos.split(",") if x.strip()), seeds=a.seeds, bc_steps=a.bc_steps,
         steps=a.steps, reduction=a.reduction, batch_size=a.batch_size, full_episodes=a.full_episodes,
-        refresh_every=a.refresh_every, filter_fraction=a.filter_fraction, eval_every=a.eval_every,
+        bc_full_episodes=a.bc_full_episodes, refresh_every=a.refresh_every, filter_fraction=a.filter_fraction, eval_every=a.eval_every,
         eval_episodes=a.eval_episodes, final_eval_episodes=a.final_eval_episodes, eval_env=a.eval_env, out=a.out,
         drop_nonfinite=a.drop_nonfinite, workers=a.workers)
     if a.quick:

