@@ -668,9 +668,7 @@ def study(out, sc: StudyConfig, jobs: int = 2, pref: Optional[Path] = None,
 
 
 # wall time measured for each configuration (2-core machine, 2026-11-30); None: not run
-MEASURED = {"smoke": "about 1.5 min",
-            "full": "about 50 min with --jobs 2 on 2 cores shared with 4 other jobs (run as --config reduced, the "
-                    "earlier name of these sizes)", "large": None}
+MEASURED = {"smoke": "about 1.5 min", "full": "9.1 min with --jobs 2 on 2 free cores (2026-11-30)", "large": None}
 
 
 def _config_help() -> str:

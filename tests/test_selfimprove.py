@@ -80,7 +80,7 @@ def test_help_states_the_sizes_and_times_of_each_configuration(capsys):
         si.main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     # the configurations as README.md and docs/selfcurate.md describe them, with what was measured
-    assert "full 5 seeds x 2 rounds" in out and "128 training prompts x k=8 samples" in out and "about 50 min" in out
+    assert "full 5 seeds x 2 rounds" in out and "128 training prompts x k=8 samples" in out and "9.1 min" in out
     assert "150 held-out prompts (greedy + 2 sampled answers each)" in out
     assert "large 5 seeds x 2 rounds" in out and "256 training prompts x k=8" in out and "not run yet" in out
     assert "default: runs/selfimprove" in out and "number of paired seeds" in out
