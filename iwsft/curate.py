@@ -67,6 +67,24 @@ class VerifierBroken(RuntimeError):
     """The verifier raised on every sample of the first batch (a user error: the verifier, not the data)."""
 
 
+class SettingError(ValueError):
+    """An invalid setting: ``str(e)`` is ``"name=value: reason and fix"`` (the Python API's names); ``main`` prints
+    it under the command-line flag instead (``--top-p 2.0: ...``, see :data:`FLAGS`)."""
+
+    def __init__(self, name: str, value: Any, reason: str):
+        super().__init__(f"{name}={value!r}: {reason}")
+        self.name, self.value, self.reason = name, value, reason
+
+    def for_cli(self) -> str:
+        v = self.value if isinstance(self.value, (int, float)) and not isinstance(self.value, bool) else repr(self.value)
+        return f"{FLAGS.get(self.name, self.name)} {v}: {self.reason}"
+
+
+# the command-line flag of each SettingError name (the Python API names them by their argument)
+FLAGS = {"k": "-k/--k", "temperature": "--temperature", "top_p": "--top-p", "max_new_tokens": "--max-new-tokens",
+         "batch_prompts": "--batch-prompts", "verifier": "--verifier", "limit": "--limit"}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # settings
 
@@ -92,16 +110,17 @@ class SamplingConfig:
 
     def __post_init__(self):
         if not (isinstance(self.k, int) and self.k >= 1):
-            raise ValueError(f"k={self.k!r}: samples per prompt must be an integer >= 1")
+            raise SettingError("k", self.k, "samples per prompt must be an integer >= 1 (e.g. 8)")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature={self.temperature!r} must be > 0: greedy decoding is not a sampling "
-                             "policy with log-probs (every log p_ref would be 0)")
+            raise SettingError("temperature", self.temperature,
+                               "must be > 0 (1.0 samples the model's own distribution): greedy decoding is not a "
+                               "sampling policy with log-probs (every log p_ref would be 0)")
         if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+            raise SettingError("top_p", self.top_p, "must be in (0, 1] (1.0: no nucleus cut)")
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+            raise SettingError("max_new_tokens", self.max_new_tokens, "must be an integer >= 1 (e.g. 256)")
         if not (isinstance(self.batch_prompts, int) and self.batch_prompts >= 1):
-            raise ValueError(f"batch_prompts={self.batch_prompts!r} must be an integer >= 1")
+            raise SettingError("batch_prompts", self.batch_prompts, "must be an integer >= 1 (e.g. 8)")
 
     def policy(self) -> Dict[str, Any]:
         """The settings that define the sampling distribution (what ``log p_ref`` is the log-prob under)."""

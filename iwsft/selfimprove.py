@@ -509,7 +509,8 @@ def report(out: Path, rows: List[Dict[str, Any]], sc: StudyConfig, seconds: floa
              f"seeds, {sc.rounds} round(s), {sc.train_prompts} training prompts × k={sc.k} samples (temperature 1), "
              f"{sc.eval_prompts} held-out prompts (greedy, and {sc.eval_samples} samples each at temperature 1), "
              f"{sc.epochs} epochs at lr {sc.lr}, batch {sc.batch_size}. "
-             + (f"Wall time {seconds / 60:.1f} min. " if math.isfinite(seconds) else "")
+             + (f"Wall time {seconds / 60:.1f} min (this invocation; steps finished earlier were reused). "
+                if math.isfinite(seconds) else "")
              + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
              "",
              "| round | method | seeds | greedy acc | sampled acc | Δ greedy vs SFT [95% CI] | Δ sampled vs SFT [95% CI] "
@@ -574,6 +575,7 @@ def _plots(out: Path, rows, sc: StudyConfig, seeds) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     by = {(r["seed"], r["round"], r["method"]): r for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -588,11 +590,13 @@ def _plots(out: Path, rows, sc: StudyConfig, seeds) -> None:
                 mean, lo, hi = t_interval(vals)
                 xs.append(rnd + 0.04 * (j - len(sc.methods) / 2))
                 ms.append(100 * mean)
-                errs.append(0 if math.isnan(lo) else 100 * (hi - mean))
-            ax.errorbar(xs, ms, yerr=errs, marker="o", capsize=3, label=m)
+                # the t interval of an accuracy can leave [0, 1] with few seeds: draw it clipped to [0, 100] %
+                errs.append((0, 0) if math.isnan(lo) else (100 * (mean - max(lo, 0.0)), 100 * (min(hi, 1.0) - mean)))
+            ax.errorbar(xs, ms, yerr=np.array(errs).T if errs else None, marker="o", capsize=3, label=m)
         ax.set_xlabel("round (0 = p_ref)")
         ax.set_ylabel(f"held-out {key.replace('_acc', '')} accuracy (%)")
         ax.set_xticks(range(sc.rounds + 1))
+        ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Self-curation: held-out accuracy per round (mean, 95% interval over seeds)")
@@ -641,7 +645,11 @@ def study(out, sc: StudyConfig, jobs: int = 2, pref: Optional[Path] = None,
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
         if old != cfg:
-            raise ValueError(f"{out} holds a study with other settings ({old} vs {cfg}); use another --out")
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {cfg.get(k)!r}" for k in sorted(set(old) | set(cfg))
+                             if old.get(k) != cfg.get(k))
+            raise ValueError(f"--out {out} holds a study with other settings ({diff}); rerun with the settings it "
+                             f"was made with (--config {old.get('label')}, --seeds/--rounds as before) to resume it, "
+                             f"or use another --out")
     _write_if_changed(cfg_path, json.dumps(cfg, indent=1))
     if pref is None:
         pref = ASSET_DIR if (ASSET_DIR / "model.safetensors").is_file() else pretrain(out / "pref")
@@ -677,10 +685,12 @@ def _config_help() -> str:
     for name in ("smoke", "full", "large"):
         c = getattr(StudyConfig, name)()
         t = MEASURED[name] or "not run yet"
-        lines.append(textwrap.fill(f"  {name:<8} {c.seeds} seeds x {c.rounds} rounds, {len(c.methods)} methods; curate "
-                     f"{c.train_prompts} training prompts x k={c.k} samples; evaluate on {c.eval_prompts} held-out "
-                     f"prompts (greedy + {c.eval_samples} sampled answers each); {c.epochs} epochs, batch "
-                     f"{c.batch_size}. Time: {t}.",
+        def n(k: int, word: str) -> str:
+            return f"{k} {word}" + ("" if k == 1 else "s")
+        lines.append(textwrap.fill(f"  {name:<8} {n(c.seeds, 'seed')} x {n(c.rounds, 'round')}, "
+                     f"{n(len(c.methods), 'method')}; curate {c.train_prompts} training prompts x k={c.k} samples; "
+                     f"evaluate on {c.eval_prompts} held-out prompts (greedy + {n(c.eval_samples, 'sampled answer')} "
+                     f"each); {n(c.epochs, 'epoch')}, batch {c.batch_size}. Time: {t}.",
                                    width=100, subsequent_indent=" " * 11))
     lines.append("The README's table comes from --config full (the default).")
     return "\n".join(lines)
@@ -695,8 +705,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--install", action="store_true", help=f"then copy the model to {ASSET_DIR} (the shipped asset)")
     ap.add_argument("--out", default="runs/selfimprove", help="study directory; rerunning into it resumes "
                     "(finished steps are skipped) (default: %(default)s)")
-    ap.add_argument("--config", choices=("full", "large", "smoke"), default="full",
-                    help="study size, see below (default: %(default)s)")
+    ap.add_argument("--config", choices=("full", "large", "smoke"), default=None,
+                    help="study size, see below (default: full; --report-only: the study's own)")
     ap.add_argument("--seeds", type=int, default=None, help="number of paired seeds (0..N-1), overriding the "
                     "configuration's (full/large: 5, smoke: 2)")
     ap.add_argument("--rounds", type=int, default=None, help="curate + fine-tune rounds after p_ref, overriding the "
@@ -707,6 +717,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--only-seeds", default=None, help="comma-separated seeds to run (e.g. to spread them over "
                     "machines or processes); then --report-only builds the table")
     a = ap.parse_args(argv)
+    a.config_given = a.config is not None
+    a.config = a.config or "full"
     if a.cmd == "pretrain":
         model = pretrain(Path(a.out))
         if a.install:
@@ -714,20 +726,70 @@ def main(argv: Optional[List[str]] = None) -> int:
             shutil.copy2(Path(a.out) / "pretrain.json", ASSET_DIR / "pretrain.json")
         print(f"p_ref: {model}")
         return 0
+    try:
+        return _run_study_cli(a)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line naming the option and the fix
+        if os.environ.get("IWSFT_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _study_config_from_args(a) -> StudyConfig:
+    """The configuration the options ask for; every override checked (ValueError naming the option)."""
     sc = getattr(StudyConfig, a.config)()
-    if a.seeds:
+    for opt, val in (("--seeds", a.seeds), ("--rounds", a.rounds), ("--jobs", a.jobs)):
+        if val is not None and val < 1:
+            raise ValueError(f"{opt} {val}: must be an integer >= 1")
+    if a.seeds is not None:
         sc.seeds = a.seeds
-    if a.rounds:
+    if a.rounds is not None:
         sc.rounds = a.rounds
+    return sc
+
+
+def _run_study_cli(a) -> int:
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a directory: pass a directory (new or a study's)")
+    sc = _study_config_from_args(a)
+    only = None
+    if a.only_seeds is not None:
+        try:
+            only = sorted({int(x) for x in a.only_seeds.split(",") if x.strip()})
+        except ValueError:
+            raise ValueError(f"--only-seeds {a.only_seeds!r}: expected comma-separated seed numbers such as 0,3")
+        bad = [x for x in only if not 0 <= x < sc.seeds]
+        if not only or bad:
+            raise ValueError(f"--only-seeds {a.only_seeds!r}: seeds must lie in 0..{sc.seeds - 1} (--seeds {sc.seeds})")
     if a.report_only:
-        rows = collect(Path(a.out), sc)
-        with open(Path(a.out) / "results.jsonl", "w") as f:
+        cfg_path = out / "study.json"
+        if not cfg_path.is_file():
+            raise ValueError(f"--report-only: {out} holds no study (no study.json); run the study into this --out "
+                             "first, or point --out at a study directory")
+        saved = json.loads(cfg_path.read_text())
+        asked = asdict(sc)
+        asked["methods"] = list(sc.methods)
+        explicit = a.config_given or a.seeds is not None or a.rounds is not None
+        if explicit and saved != asked:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} (study) vs {asked.get(k)!r} (asked)" for k in sorted(saved)
+                             if saved.get(k) != asked.get(k))
+            raise ValueError(f"--report-only: the study in {out} was made with other settings ({diff}); drop "
+                             "--config/--seeds/--rounds to report it as it was made")
+        sc = StudyConfig(**{**saved, "methods": tuple(saved["methods"])})
+        rows = collect(out, sc)
+        if not rows:
+            raise ValueError(f"--report-only: no finished step in {out} yet (no DONE.json); nothing to report")
+        with open(out / "results.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-        print(report(Path(a.out), rows, sc, float("nan"), _versions()))
+        print(report(out, rows, sc, float("nan"), _versions()))
         return 0
-    study(a.out, sc, jobs=a.jobs, pref=Path(a.pref) if a.pref else None,
-          only_seeds=[int(x) for x in a.only_seeds.split(",")] if a.only_seeds else None)
+    if a.pref is not None and not (Path(a.pref) / "config.json").is_file():
+        raise ValueError(f"--pref {a.pref}: not a model directory (no config.json there); pass a directory written "
+                         "by `python -m iwsft.selfimprove pretrain --out DIR` (DIR/model) or leave --pref out for "
+                         "the shipped p_ref")
+    study(a.out, sc, jobs=a.jobs, pref=Path(a.pref) if a.pref else None, only_seeds=only)
     return 0
 
 

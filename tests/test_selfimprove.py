@@ -105,3 +105,61 @@ def test_smoke_study_writes_the_report_and_resumes(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("DONE.json")}
     si.study(out, sc, jobs=1)  # everything is done: nothing is retrained
     assert {p: p.stat().st_mtime_ns for p in out.rglob("DONE.json")} == before
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--seeds", "0"], "--seeds 0: must be an integer >= 1"),
+    (["--seeds", "-2"], "--seeds -2: must be an integer >= 1"),
+    (["--rounds", "-1"], "--rounds -1: must be an integer >= 1"),
+    (["--jobs", "0"], "--jobs 0: must be an integer >= 1"),
+    (["--only-seeds", "a,b"], "--only-seeds 'a,b': expected comma-separated seed numbers"),
+    (["--config", "smoke", "--only-seeds", "7"], "seeds must lie in 0..1 (--seeds 2)"),
+    (["--pref", "/nonexistent/model"], "--pref /nonexistent/model: not a model directory"),
+])
+def test_bad_study_options_are_refused_in_one_line_before_any_work(tmp_path, capsys, args, needle):
+    out = tmp_path / "s"
+    assert si.main(["--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_out_that_is_a_file_and_report_only_without_a_study_are_refused(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert si.main(["--out", str(f)]) == 2
+    assert "--out" in capsys.readouterr().err and f.read_text() == "x"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert si.main(["--out", str(empty), "--report-only"]) == 2
+    assert "holds no study" in capsys.readouterr().err and not any(empty.iterdir())  # nothing written
+
+
+def test_report_only_uses_the_studys_own_settings(tmp_path, capsys, monkeypatch):
+    """--report-only reads study.json: the table names the smoke configuration even without --config, and a
+    contradicting --config is refused with the differing keys."""
+    out = tmp_path / "s"
+    out.mkdir()
+    sc = si.StudyConfig.smoke()
+    cfg = {**si.asdict(sc), "methods": list(sc.methods)}
+    (out / "study.json").write_text(json.dumps(cfg))
+    assert si.main(["--out", str(out), "--report-only"]) == 2  # no finished step yet
+    assert "no finished step" in capsys.readouterr().err
+    seen = {}
+    monkeypatch.setattr(si, "collect", lambda o, c: seen.setdefault("sc", c) and [] or [{"seed": 0}])
+    monkeypatch.setattr(si, "report", lambda o, rows, c, secs, v: f"table of {c.label}")
+    monkeypatch.setattr(si, "_versions", lambda: {})
+    assert si.main(["--out", str(out), "--report-only"]) == 0
+    assert seen["sc"].label == "smoke" and seen["sc"].train_prompts == 16 and "table of smoke" in capsys.readouterr().out
+    assert si.main(["--out", str(out), "--report-only", "--config", "full"]) == 2
+    err = capsys.readouterr().err
+    assert "train_prompts: 16 (study) vs 128 (asked)" in err and "drop --config" in err
+
+
+def test_a_resumed_study_with_other_settings_names_the_differing_keys(tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    sc = si.StudyConfig.smoke()
+    (out / "study.json").write_text(json.dumps({**si.asdict(sc), "methods": list(sc.methods)}))
+    with pytest.raises(ValueError, match=r"label: 'smoke' -> 'full'.*--config smoke"):
+        si.study(out, si.StudyConfig.full(), jobs=1)
