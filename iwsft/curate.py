@@ -14,7 +14,8 @@ Pipeline (one prompt group of ``k`` samples at a time, batched):
 1. prompts: a JSON/JSONL/parquet/CSV file (or anything :func:`iwsft.tune.datasets.load_rows` loads) with a
    question column and a reference-answer column (``--question-column``/``--answer-column``, default
    ``question``/``answer``; ``--id-column`` optional, else the row index). Rows without a usable answer are not
-   sampled; they are counted (``prompts_without_answer``) and listed in the summary.
+   sampled; they are counted (``prompts_without_answer``) and listed in the summary. If no row has one, there is
+   nothing to sample and the run stops with an error (usually a wrong ``--answer-column``).
 2. sampling backends: ``transformers`` (CPU or GPU; ``generate`` with the KV cache, left-padded batches of
    ``--batch-prompts`` prompts × ``k`` samples, per-token log-probs from the *processed* scores) or ``vllm``
    (``--backend vllm``, import-guarded: used only when installed; ``logprobs_mode=processed_logprobs``; not tested
@@ -76,7 +77,8 @@ class SettingError(ValueError):
         self.name, self.value, self.reason = name, value, reason
 
     def for_cli(self) -> str:
-        v = self.value if isinstance(self.value, (int, float)) and not isinstance(self.value, bool) else repr(self.value)
+        number = isinstance(self.value, (int, float)) and not isinstance(self.value, bool)
+        v = self.value if number else repr(self.value)
         return f"{FLAGS.get(self.name, self.name)} {v}: {self.reason}"
 
 
@@ -190,10 +192,14 @@ def load_prompts(source, question_column: str = "question", answer_column: str =
 
     Raises ``FileNotFoundError`` for a local prompt file that does not exist, ``KeyError`` naming the column (and
     the columns that exist) when a column is missing, ``ValueError`` for an empty file, a row whose question is not
-    a non-empty string or duplicate ids (messages name ``--prompts`` / the column flags). A missing/empty/NaN
-    answer is kept as ``answer=None`` (reported, not sampled).
+    a non-empty string or duplicate ids (messages name ``--prompts`` / the column flags), :class:`SettingError`
+    for ``limit < 1``. A missing/empty/NaN answer is kept as ``answer=None`` (reported, not sampled); a
+    ``ValueError`` when *every* row lacks one (nothing could be sampled: usually the wrong ``--answer-column``).
     """
     from iwsft.tune.datasets import load_rows
+
+    if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1):
+        raise SettingError("limit", limit, "must be an integer >= 1 (or left out: every row)")
 
     src = Path(os.path.expanduser(str(source)))
     if not src.exists() and (src.suffix.lower() in (".json", ".jsonl", ".parquet", ".csv") or src.is_absolute()
@@ -222,6 +228,11 @@ def load_prompts(source, question_column: str = "question", answer_column: str =
             raise ValueError(f"prompt file {source}, row {i}: duplicate id {pid!r} in column {id_column!r}")
         seen.add(pid)
         out.append(Prompt(i, pid, q, _clean_answer(row[answer_column])))
+    if out and all(p.answer is None for p in out):
+        rows_read = f"{len(out)} row{'s' * (len(out) != 1)}" + (" read (--limit)" if limit else "")
+        raise ValueError(f"prompt file {source}: all {rows_read} lack an "
+                         f"answer in column {answer_column!r} (empty, null or NaN), so there is nothing to sample: "
+                         "set --answer-column to the column holding the reference answers, or fill them in")
     return out
 
 
@@ -245,20 +256,29 @@ class Check:
 
 
 def resolve_verifier(spec: str) -> Callable[[str, str], Any]:
-    """``math`` | ``aime`` | ``gpqa`` (the checkers of ``evals.scoring``) or ``package.module:function``."""
+    """``math`` | ``aime`` | ``gpqa`` (the checkers of ``evals.scoring``) or ``package.module:function``.
+
+    Raises :class:`SettingError` (name ``verifier``) when ``spec`` is neither, the module cannot be imported (any
+    exception while importing it), it has no such attribute, or the attribute is not callable.
+    """
     if spec in ("math", "aime", "gpqa"):
         from evals import scoring
 
         return getattr(scoring, f"score_{spec}")
-    if ":" not in spec:
-        raise ValueError(f"verifier {spec!r}: use math, aime, gpqa or module:function")
+    fix = "use math, aime, gpqa or an importable module:function"
     mod, _, fn = spec.partition(":")
+    if not mod or not fn:
+        raise SettingError("verifier", spec, f"not a built-in verifier nor module:function; {fix}")
     try:
-        obj = getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"verifier {spec!r} cannot be imported: {e}") from e
+        module = importlib.import_module(mod)
+    except Exception as e:  # noqa: BLE001 - a SyntaxError or a missing dependency of the user's module alike
+        raise SettingError("verifier", spec, f"cannot import module {mod!r} ({type(e).__name__}: {e}); {fix} "
+                           "(is its folder on PYTHONPATH?)") from e
+    obj = getattr(module, fn, None)
+    if obj is None:
+        raise SettingError("verifier", spec, f"module {mod!r} has no {fn!r}; {fix}")
     if not callable(obj):
-        raise ValueError(f"verifier {spec!r} is not callable")
+        raise SettingError("verifier", spec, f"{mod}.{fn} is a {type(obj).__name__}, not a function; {fix}")
     return obj
 
 
@@ -540,16 +560,20 @@ def curate(model_dir, prompts: Sequence[Prompt], out_dir, cfg: SamplingConfig = 
     """Samples, verifies and writes ``out_dir/samples.jsonl`` (see the module docstring); returns the summary.
 
     ``sampler``: an already-built backend (reused across calls, e.g. by the study). Raises ``ValueError`` when
-    ``out_dir`` holds a run with other settings (unless ``overwrite``), and :class:`VerifierBroken` (a
+    no prompt has a reference answer (nothing to sample; nothing is written) or ``out_dir`` holds a run with other
+    settings (unless ``overwrite``), :class:`SettingError` for a verifier that cannot be resolved, and
+    :class:`VerifierBroken` (a
     ``RuntimeError``) when the verifier raised on every sample of the first batch — that batch's rows are removed
     from ``samples.jsonl`` first, so a rerun with a fixed verifier samples them again.
     """
     from tqdm import tqdm
 
+    if not any(p.answer is not None for p in prompts):  # a run of 0 samples would "succeed" with accuracy nan
+        raise ValueError(f"none of the {len(prompts)} prompts has a reference answer: nothing to sample")
+    vfn = resolve_verifier(verifier)  # before the model: a typo in --verifier fails in a second
+    fp = model_fingerprint(model_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fp = model_fingerprint(model_dir)
-    vfn = resolve_verifier(verifier)
     settings = _settings(model_dir, prompts_fingerprint(prompts), cfg, verifier,
                          backend if sampler is None else sampler.name, fp)
     settings_path, samples_path = out / SETTINGS_FILE, out / SAMPLES_FILE
@@ -573,46 +597,50 @@ def curate(model_dir, prompts: Sequence[Prompt], out_dir, cfg: SamplingConfig = 
         sampler = make_sampler(backend, model_dir, device=device)
     t0, new_samples, new_tokens = time.perf_counter(), 0, 0
     bar = tqdm(total=len(todo) * cfg.k, desc="sampling", unit="sample", disable=not progress)
-    first_batch = True
-    for start in range(0, len(todo), cfg.batch_prompts):
-        batch = todo[start:start + cfg.batch_prompts]
-        msgs = [([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt is not None else [])
-                + [{"role": "user", "content": p.question}] for p in batch]
-        pids = [sampler.prompt_ids(m) for m in msgs]
-        groups = sampler.sample(pids, cfg, seed=cfg.seed * 1_000_003 + batch[0].index)
-        batch_rows = []
-        for p, m, pid, group in zip(batch, msgs, pids, groups):
-            g_rows = []
-            for j, s in enumerate(group):
-                body = s.token_ids[:-1] if s.finish_reason == "stop" and s.token_ids[-1] in sampler.eos_ids \
-                    else s.token_ids
-                text = sampler.decode(body)
-                chk = verify(vfn, text, p.answer)
-                g_rows.append({
-                    "messages": m + [{"role": "assistant", "content": text}],
-                    "reward": chk.reward, "correct": chk.reward > 0, "pred": chk.pred, "parseable": chk.parseable,
-                    "verify_error": chk.error, "prompt_id": p.prompt_id, "prompt_index": p.index,
-                    "sample_index": j, "uid": f"{p.prompt_id}/{j}", "answer": p.answer,
-                    "prompt_token_ids": pid, "response_token_ids": s.token_ids,
-                    "response_logprobs": s.logprobs, "finish_reason": s.finish_reason,
-                    "roundtrip": sampler.roundtrip(s.token_ids), "model_fingerprint": fp,
-                })
-                new_tokens += len(s.token_ids)
-            _write_rows(samples_path, g_rows)
-            batch_rows += g_rows
-            bar.update(len(g_rows))
-        if first_batch and batch_rows and all(r["verify_error"] for r in batch_rows):
-            # A broken verifier: drop this batch's rows (reward 0 for a checker bug is not data), so that a rerun
-            # with the verifier fixed samples these prompts again instead of resuming them.
-            _write_rows(samples_path, rows, append=False)
-            raise VerifierBroken(f"the verifier {verifier!r} raised on every sample of the first batch (first "
-                                 f"error: {batch_rows[0]['verify_error']}); nothing of this batch was kept. Fix "
-                                 "the verifier (called as fn(output, answer); returns a Verdict, a bool or a number "
-                                 "in [0, 1]) and rerun the same command: it resumes where this run started.")
-        first_batch = False
-        rows += batch_rows
-        new_samples += sum(len(g) for g in groups)
-    bar.close()
+    try:
+        first_batch = True
+        for start in range(0, len(todo), cfg.batch_prompts):
+            batch = todo[start:start + cfg.batch_prompts]
+            msgs = [([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt is not None else [])
+                    + [{"role": "user", "content": p.question}] for p in batch]
+            pids = [sampler.prompt_ids(m) for m in msgs]
+            groups = sampler.sample(pids, cfg, seed=cfg.seed * 1_000_003 + batch[0].index)
+            batch_rows = []
+            for p, m, pid, group in zip(batch, msgs, pids, groups):
+                g_rows = []
+                for j, s in enumerate(group):
+                    body = s.token_ids[:-1] if s.finish_reason == "stop" and s.token_ids[-1] in sampler.eos_ids \
+                        else s.token_ids
+                    text = sampler.decode(body)
+                    chk = verify(vfn, text, p.answer)
+                    g_rows.append({
+                        "messages": m + [{"role": "assistant", "content": text}],
+                        "reward": chk.reward, "correct": chk.reward > 0, "pred": chk.pred,
+                        "parseable": chk.parseable,
+                        "verify_error": chk.error, "prompt_id": p.prompt_id, "prompt_index": p.index,
+                        "sample_index": j, "uid": f"{p.prompt_id}/{j}", "answer": p.answer,
+                        "prompt_token_ids": pid, "response_token_ids": s.token_ids,
+                        "response_logprobs": s.logprobs, "finish_reason": s.finish_reason,
+                        "roundtrip": sampler.roundtrip(s.token_ids), "model_fingerprint": fp,
+                    })
+                    new_tokens += len(s.token_ids)
+                _write_rows(samples_path, g_rows)
+                batch_rows += g_rows
+                bar.update(len(g_rows))
+            if first_batch and batch_rows and all(r["verify_error"] for r in batch_rows):
+                # A broken verifier: drop this batch's rows (reward 0 for a checker bug is not data), so that a
+                # rerun with the verifier fixed samples these prompts again instead of resuming them.
+                _write_rows(samples_path, rows, append=False)
+                raise VerifierBroken(
+                    f"the verifier {verifier!r} raised on every sample of the first batch (first error: "
+                    f"{batch_rows[0]['verify_error']}); nothing of this batch was kept. Fix the verifier (called as "
+                    "fn(output, answer); returns a Verdict, a bool or a number in [0, 1]) and rerun the same command: "
+                    "it resumes where this run started.")
+            first_batch = False
+            rows += batch_rows
+            new_samples += sum(len(g) for g in groups)
+    finally:  # closing ends the bar's line, so an error printed next starts on a line of its own
+        bar.close()
     dt = time.perf_counter() - t0
     summary = summarize(rows, prompts, cfg.k)
     summary.update({"new_samples": new_samples, "seconds": round(dt, 2),
@@ -643,27 +671,54 @@ def print_summary(s: Dict[str, Any]) -> None:
               f"samples/s, {s['generated_tokens_per_second']:.0f} tokens/s ({s['backend']})")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m iwsft.curate`` (every option has a help text with its default)."""
     ap = argparse.ArgumentParser(prog="python -m iwsft.curate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="HF model directory (weights + tokenizer)")
-    ap.add_argument("--prompts", required=True, help="prompt file (.json/.jsonl/.parquet/.csv) or hub dataset id")
-    ap.add_argument("--out", required=True, help="output directory (resumed when it holds the same run)")
-    ap.add_argument("--question-column", default="question")
-    ap.add_argument("--answer-column", default="answer")
-    ap.add_argument("--id-column", default=None)
-    ap.add_argument("--split", default="train")
-    ap.add_argument("--limit", type=int, default=None, help="first N prompts only")
-    ap.add_argument("-k", "--k", type=int, default=8, help="samples per prompt")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--batch-prompts", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-system-prompt", action="store_true", help="no system turn (default: Qwen's default)")
-    ap.add_argument("--verifier", default="math", help="math | aime | gpqa | module:function")
-    ap.add_argument("--backend", default="auto", choices=("auto", "transformers", "vllm"))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--model", required=True, help="HF model directory (weights + tokenizer); required")
+    ap.add_argument("--prompts", required=True,
+                    help="prompt file (.json/.jsonl/.parquet/.csv) or hub dataset id; required")
+    ap.add_argument("--out", required=True,
+                    help="output directory (resumed when it holds a run with the same settings); required")
+    ap.add_argument("--question-column", default="question",
+                    help="column of the prompt file holding the question (default: %(default)s)")
+    ap.add_argument("--answer-column", default="answer",
+                    help="column holding the reference answer; rows where it is empty/null are counted, not sampled "
+                         "(default: %(default)s)")
+    ap.add_argument("--id-column", default=None,
+                    help="column holding a unique prompt id (default: none, the row index is the id)")
+    ap.add_argument("--split", default="train",
+                    help="split to read when --prompts is a hub dataset id (default: %(default)s)")
+    ap.add_argument("--limit", type=int, default=None, help="use the first N rows only, N >= 1 (default: every row)")
+    ap.add_argument("-k", "--k", type=int, default=8, help="samples per prompt (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="sampling temperature, > 0; the recorded log-probs are under it (default: %(default)s)")
+    ap.add_argument("--top-p", type=float, default=1.0,
+                    help="nucleus sampling mass in (0, 1]; 1.0 = no cut (default: %(default)s)")
+    ap.add_argument("--max-new-tokens", type=int, default=256,
+                    help="most tokens generated per sample; longer ones are counted as truncated (default: "
+                         "%(default)s)")
+    ap.add_argument("--batch-prompts", type=int, default=8,
+                    help="prompts per generation batch (batch_prompts x k sequences at once; lower it if memory "
+                         "runs out) (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="sampling seed; batch seed = seed * 1000003 + index of its first prompt (default: "
+                         "%(default)s)")
+    ap.add_argument("--no-system-prompt", action="store_true",
+                    help="no system turn (default: off, every prompt gets Qwen's default system prompt)")
+    ap.add_argument("--verifier", default="math",
+                    help="math | aime | gpqa | module:function called as fn(output, answer) (default: %(default)s)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "transformers", "vllm"),
+                    help="auto = vllm if installed and a GPU is present, else transformers (default: %(default)s)")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device of the transformers backend, e.g. cpu or cuda (default: %(default)s)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="delete the samples of a run in --out with other settings and start again (default: off, "
+                         "such a run is refused)")
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     try:
         cfg = SamplingConfig(k=a.k, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
@@ -677,7 +732,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         # argparse. Other exceptions are bugs and keep their traceback; IWSFT_DEBUG=1 shows it for these too.
         if os.environ.get("IWSFT_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        msg = (e.for_cli() if isinstance(e, SettingError)  # the flag, not the Python argument name
+               else e.args[0] if isinstance(e, KeyError) and e.args else str(e))
         print(f"error: {msg}", file=sys.stderr)
         return 2
     return 0

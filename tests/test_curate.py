@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -56,8 +57,12 @@ def test_verify_counts_bad_outputs_and_verifiers_never_as_correct():
     assert curate.verify(curate.resolve_verifier("aime"), "Answer: 033", "33").reward == 1
     with pytest.raises(ValueError, match="module:function"):
         curate.resolve_verifier("nonsense")
-    with pytest.raises(ValueError, match="cannot be imported"):
+    with pytest.raises(ValueError, match="verifier='no_such_module_xyz:fn': cannot import module 'no_such_module_xyz'"):
         curate.resolve_verifier("no_such_module_xyz:fn")
+    with pytest.raises(ValueError, match="module 'os' has no 'no_such_fn'"):
+        curate.resolve_verifier("os:no_such_fn")
+    with pytest.raises(ValueError, match="os.sep is a str, not a function"):
+        curate.resolve_verifier("os:sep")
 
 
 def test_load_prompts_reports_missing_answers_and_bad_columns(tmp_path):
@@ -70,6 +75,20 @@ def test_load_prompts_reports_missing_answers_and_bad_columns(tmp_path):
         curate.load_prompts(f, question_column="q")
     with pytest.raises(ValueError, match="greedy"):
         curate.SamplingConfig(temperature=0.0)
+    # the Python API names its own argument (the CLI names the flag: see the CLI test)
+    with pytest.raises(ValueError, match=r"^top_p=2.0: must be in \(0, 1\]"):
+        curate.SamplingConfig(top_p=2.0)
+    with pytest.raises(ValueError, match="^limit=0: must be an integer >= 1"):
+        curate.load_prompts(f, question_column="q", answer_column="a", limit=0)
+    # some answers missing: loaded and counted; every answer missing: refused, naming the column and the fix
+    assert len(curate.load_prompts(f, question_column="q", answer_column="a", limit=2)) == 2
+    g = tmp_path / "none.jsonl"
+    g.write_text("\n".join(f.read_text().splitlines()[1:]))  # rows "two" (null) and "three" (""), then "four"
+    with pytest.raises(ValueError, match=r"all 2 rows read \(--limit\) lack an answer in column 'a'.*--answer-col"):
+        curate.load_prompts(g, question_column="q", answer_column="a", limit=2)
+    with pytest.raises(ValueError, match="nothing to sample"):  # the API refuses too, before writing anything
+        curate.curate(tmp_path, [curate.Prompt(0, "0", "two", None)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_partial_groups_from_a_killed_run_are_discarded(tmp_path):
@@ -96,12 +115,24 @@ def test_cli_user_errors_are_one_line_naming_the_flag(tmp_path, capsys):
     empty.write_text("\n")
     good = tmp_path / "p.jsonl"
     good.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n")
+    no_answer = tmp_path / "no_answer.jsonl"
+    no_answer.write_text(json.dumps({"question": "a?", "answer": ""}) + "\n" + json.dumps({"question": "b?"}) + "\n")
     cases = [
         (["--model", str(tmp_path), "--prompts", str(empty)], ["--prompts", "empty"]),
         (["--model", str(tmp_path), "--prompts", str(tmp_path / "nope.jsonl")], ["--prompts", "does not exist"]),
         (["--model", str(tmp_path / "no_model"), "--prompts", str(good)], ["--model", "does not exist"]),
         (["--model", str(tmp_path), "--prompts", str(good), "--answer-column", "gold"], ["'gold'", "--answer-column"]),
-        (["--model", str(tmp_path), "--prompts", str(good), "--temperature", "0"], ["temperature", "greedy"]),
+        (["--model", str(tmp_path), "--prompts", str(good), "--temperature", "0"], ["--temperature 0.0:", "greedy"]),
+        # zero prompts to sample: an error, not "0 samples ... accuracy nan" with exit 0
+        (["--model", str(tmp_path), "--prompts", str(no_answer)],
+         ["all 2 rows lack an answer in column 'answer'", "--answer-column"]),
+        (["--model", str(tmp_path), "--prompts", str(good), "--limit", "0"], ["--limit 0:", ">= 1"]),
+        # the flag as typed on the command line, its value and the fix
+        (["--model", str(tmp_path), "--prompts", str(good), "-k", "0"], ["-k/--k 0:", ">= 1"]),
+        (["--model", str(tmp_path), "--prompts", str(good), "--top-p", "2"], ["--top-p 2.0:", "(0, 1]"]),
+        (["--model", str(tmp_path), "--prompts", str(good), "--batch-prompts", "0"], ["--batch-prompts 0:"]),
+        (["--model", str(tmp_path), "--prompts", str(good), "--verifier", "nosuchmod:check"],
+         ["--verifier 'nosuchmod:check': cannot import module 'nosuchmod'", "use math, aime, gpqa or an importable"]),
     ]
     for args, words in cases:
         assert curate.main(args + ["--out", str(tmp_path / "o")]) == 2, args
@@ -109,6 +140,25 @@ def test_cli_user_errors_are_one_line_naming_the_flag(tmp_path, capsys):
         assert "Traceback" not in err, err
         err = err.splitlines()[-1]  # (datasets may print a progress bar before it)
         assert err.startswith("error: ") and all(w in err for w in words) and "dataset.source" not in err, (words, err)
+    assert not (tmp_path / "o" / "samples.jsonl").exists()
+
+
+def test_help_gives_every_option_a_text_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        curate.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split("options:")[1].split())  # the option list (argparse wraps lines)
+    for flags, default in [
+            ("--question-column QUESTION_COLUMN", "question"), ("--answer-column ANSWER_COLUMN", "answer"),
+            ("--split SPLIT", "train"), ("-k K, --k K", "8"), ("--temperature TEMPERATURE", "1.0"),
+            ("--top-p TOP_P", "1.0"), ("--max-new-tokens MAX_NEW_TOKENS", "256"),
+            ("--batch-prompts BATCH_PROMPTS", "8"), ("--seed SEED", "0"), ("--verifier VERIFIER", "math"),
+            ("--device DEVICE", "cpu"),
+            ("--backend {auto,transformers,vllm}", "auto")]:
+        rest = text[text.index(flags) + len(flags):]  # the first default after the flag is its own
+        assert re.search(r"\(default: ([^)]*)\)", rest).group(1) == default, (flags, rest[:200])
+    for act in curate.build_parser()._actions:  # and no option (present or future) without help and default
+        if act.dest != "help":
+            assert act.help and ("default" in act.help or act.required), act.option_strings
 
 
 # ------------------------------------------------------------------------------------------------ tiny model
@@ -191,6 +241,7 @@ def test_broken_verifier_keeps_no_rows_and_a_fixed_rerun_samples_them(tiny, tmp_
     err = capsys.readouterr().err
     assert "raised on every sample of the first batch" in err and "rerun the same command" in err
     assert "checker dependency missing" in err and "Traceback" not in err
+    assert "sampling" in err and re.search(r"^error: the verifier", err, re.M), err  # not glued to the bar
     assert (out / "samples.jsonl").read_text() == ""  # the failed batch left no reward-0 rows behind
     import flaky_verifier
 
