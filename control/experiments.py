@@ -215,6 +215,9 @@ def run_all(cfg: ExperimentConfig) -> Path:
         raise ValueError(f"seeds={cfg.seeds} must be >= 1 (--seeds N runs seeds 0..N-1).")
     if cfg.workers < 1:
         raise ValueError(f"workers={cfg.workers} must be >= 1.")
+    for flag, val in (("--full-episodes", cfg.full_episodes), ("--bc-full-episodes", cfg.bc_full_episodes)):
+        if val < 0:
+            raise ValueError(f"{flag} {val}: must be >= 0 (whole episodes per batch; 0 = the sampled approximation)")
     for algo in ("bc", *cfg.algos):  # check algorithm names and budgets before the (possibly long) dataset build
         train_config(cfg, algo, 0)
     torch.set_num_threads(1)

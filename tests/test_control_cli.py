@@ -111,3 +111,13 @@ def test_help_shows_defaults_and_every_option_has_help():
     docs = (REPO / "docs" / "control.md").read_text()
     for t in (text, docs):  # one measured figure for the exact mode, with its conditions
         assert "0.4 s" not in t and "832 ms" in t
+
+
+@pytest.mark.parametrize("flag", ["--full-episodes", "--bc-full-episodes"])
+def test_negative_batch_episodes_are_refused_naming_the_flag(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        ex.main([flag, "-3", "--seeds", "1", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} -3: must be >= 0") and "sampled approximation" in err
+    assert not (tmp_path / "out").exists()  # refused before the dataset build
