@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from control.data import DEFAULT_STEPS, KINDS, build
 from control.episodes import Episodes, load_d4rl_hdf5, load_minari
+from control.published import corl_context
 from control.envs import check_shapes, get_env, versions
 from control.train import ALGOS, REDUCTIONS, TrainConfig, policy_from_state, state_hash, train
 
@@ -312,12 +313,66 @@ def write_table(root: Path) -> str:
         ci = f"[{lo:.1f}, {hi:.1f}]" if len(s) > 1 else "n/a (1 seed)"
         lines.append(f"| {algo} | {len(s)} | {s.mean():.1f} ± {std:.1f} | {ci} | "
                      f"{runs[0]['config']['steps']} | {np.mean([r['wall_time_s'] for r in runs]):.0f}s |")
+    context = corl_context(ds.get("env"), ds.get("source", ""))
+    if context:
+        lines += ["", context]
+    lines += paired_lines(results) + weight_lines(results)
     lines += ["", f"Protocol: last-score (the policy after the final step), D4RL-normalised return of the mean action "
               f"over {n_eval} evaluation episodes per seed; mean ± sample std over seeds; Student-t 95% interval of "
               f"the mean. Fine-tuning algorithms start from the same seed's BC policy."]
     text = "\n".join(lines) + "\n"
     (root / "table.md").write_text(text)
     return text
+
+
+# (a, b) pairs whose per-seed difference a − b the table reports, when both ran
+PAIRS = (("filtered_bc", "bc"), ("sft_q", "filtered_bc"), ("iwsft", "filtered_bc"), ("iwsft_q", "filtered_bc"),
+         ("iwsft_q", "iwsft"), ("iwsft_q", "sft_q"))
+
+
+def paired_differences(results: dict[str, list[dict]], a: str, b: str) -> tuple[list[int], np.ndarray]:
+    """(seeds, a − b per seed [n]): final scores of the seeds both algorithms finished. Seeds pair runs that start
+    from the same BC policy and use the same evaluation seeds, so the difference removes most seed-to-seed spread."""
+    sa = {r["config"]["seed"]: r["final"]["score_mean"] for r in results.get(a, [])}
+    sb = {r["config"]["seed"]: r["final"]["score_mean"] for r in results.get(b, [])}
+    seeds = sorted(set(sa) & set(sb))
+    return seeds, np.array([sa[s] - sb[s] for s in seeds], dtype=float)
+
+
+def paired_lines(results: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: mean paired difference, its Student-t 95% interval and the per-seed values."""
+    rows = []
+    for a, b in PAIRS:
+        seeds, d = paired_differences(results, a, b)
+        if not seeds:
+            continue
+        lo, hi = interval95(d)
+        ci = f"[{lo:+.1f}, {hi:+.1f}]" if len(d) > 1 else "n/a (1 seed)"
+        per = ", ".join(f"{x:+.1f}" for x in d)
+        rows.append(f"| {a} − {b} | {len(d)} | {d.mean():+.1f} | {ci} | {per} |")
+    if not rows:
+        return []
+    return ["", "Paired by seed (same BC start, same evaluation seeds):", "",
+            "| difference | seeds | mean | 95% interval | per seed |", "|---|---|---|---|---|", *rows]
+
+
+def weight_lines(results: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: the importance weights at the end of training (last logged row) per weighted run."""
+    rows = []
+    for algo in ("iwsft", "iwsft_q"):
+        for r in results.get(algo, []):
+            last = next((row for row in reversed(r["curve"]) if "weight_max" in row), None)
+            w = np.asarray(r.get("episode_weights") or [], dtype=float)
+            if last is None or not len(w):
+                continue
+            at_clip = int((w >= r["config"]["clip_max"] * (1 - 1e-6)).sum())
+            rows.append(f"| {algo} | {r['config']['seed']} | {len(w)} | {last['weight_max']:.4g} | "
+                        f"{last['weight_ess']:.3f} | {at_clip} | {r['final']['score_mean']:.1f} |")
+    if not rows:
+        return []
+    return ["", "Importance weights over the training episodes after the last step (ESS fraction = (Σw)² / (n Σw²)):",
+            "", "| algorithm | seed | episodes | max weight | ESS fraction | at the clip | final score |",
+            "|---|---|---|---|---|---|---|", *rows]
 
 
 STYLES = {"bc": ("C0", "-"), "filtered_bc": ("C1", "--"), "sft_q": ("C4", "-."), "iwsft": ("C2", "-"),

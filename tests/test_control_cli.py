@@ -121,3 +121,50 @@ def test_negative_batch_episodes_are_refused_naming_the_flag(tmp_path, capsys, f
     err = capsys.readouterr().err
     assert err.startswith(f"error: {flag} -3: must be >= 0") and "sampled approximation" in err
     assert not (tmp_path / "out").exists()  # refused before the dataset build
+
+
+def _res(seed, score, weights=None, curve_max=None, ess=None):
+    r = {"config": {"seed": seed, "clip_max": 1000.0}, "final": {"score_mean": score}, "curve": [{"step": 1}]}
+    if weights is not None:
+        r["episode_weights"] = weights
+        r["curve"].append({"step": 2, "weight_max": curve_max, "weight_ess": ess})
+    return r
+
+
+def test_table_reports_paired_differences_with_a_hand_computed_interval():
+    # iw-SFT − filtered BC on the seeds both finished (0, 1, 2; seed 3 has no iw-SFT run): 1, 2, 3
+    # mean 2, sample std 1, t(0.975, df 2) = 4.303 -> half-width 4.303 / sqrt(3) = 2.484 -> [-0.5, +4.5]
+    results = {"filtered_bc": [_res(0, 80.0), _res(1, 70.0), _res(2, 60.0), _res(3, 50.0)],
+               "iwsft": [_res(2, 63.0), _res(0, 81.0), _res(1, 72.0)]}
+    rows = ex.paired_lines(results)
+    assert "| iwsft − filtered_bc | 3 | +2.0 | [-0.5, +4.5] | +1.0, +2.0, +3.0 |" in rows
+    assert not any(r.startswith("| filtered_bc − bc") for r in rows)  # no BC runs: no such row
+    one = ex.paired_lines({"filtered_bc": [_res(0, 80.0)], "iwsft": [_res(0, 70.5)]})
+    assert "| iwsft − filtered_bc | 1 | -9.5 | n/a (1 seed) | -9.5 |" in one
+    assert ex.paired_lines({"iwsft": [_res(0, 1.0)]}) == []  # nothing to pair
+
+
+def test_table_reports_the_final_weights_and_how_many_sit_at_the_clip():
+    w = [1000.0, 999.9995, 0.5, 1e-9]  # two at the clip (the second within fp32 rounding of it)
+    rows = ex.weight_lines({"iwsft": [_res(4, 41.7, w, 1000.0001, 0.02574)]})
+    assert "| iwsft | 4 | 4 | 1000 | 0.026 | 2 | 41.7 |" in rows
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("minari:iwsft/hopper/medium-replay-v0", "medium-replay"), ("iwsft/walker2d/medium-replay-50k-seed3-v0", "medium-replay"),
+    ("hopper_medium_replay-v2", "medium-replay"), ("iwsft/halfcheetah/medium-expert-v0", "medium-expert"),
+    ("mujoco/hopper/expert-v0", "expert"), ("walker2d_medium-v2", "medium"), ("hopper_tiny-v2", None),
+    ("mediumish-v0", None)])
+def test_published_context_reads_the_dataset_kind_from_its_name(name, kind):
+    from control.published import dataset_kind
+    assert dataset_kind(name) == kind
+
+
+def test_table_prints_corl_context_only_where_published(tmp_path):
+    ds = {"source": "minari:iwsft/hopper/medium-replay-v0", "env": "hopper", "episodes": 1, "steps": 1}
+    (tmp_path / "dataset.json").write_text(json.dumps(ds))
+    line = next(x for x in ex.write_table(tmp_path).splitlines() if x.startswith("Context"))
+    # CORL README, last scores, hopper-medium-replay-v2: 10% BC 70.42 ± 8.66, IQL 97.43 ± 6.39
+    assert "a different data source" in line and "10%BC 70.4 ± 8.7" in line and "IQL 97.4 ± 6.4" in line
+    (tmp_path / "dataset.json").write_text(json.dumps({**ds, "source": "minari:iwsft/hopper/expert-v0"}))
+    assert "Context" not in ex.write_table(tmp_path)  # CORL publishes no gym-mujoco expert rows
