@@ -1,15 +1,18 @@
-"""Algorithms x seeds on one dataset: resumable runs, a markdown table and PNG plots.
+"""Algorithms x seeds on a dataset, or a grid of environments x datasets: resumable runs, markdown tables, plots.
 
     python -m control.experiments --env hopper --dataset medium-replay --algos bc,filtered_bc,iwsft,iwsft_q --seeds 3
     python -m control.experiments --dataset mujoco/hopper/medium-v0 ...      # a Minari dataset id or directory
     python -m control.experiments --d4rl-file hopper_medium_replay-v2.hdf5 ...
     python -m control.experiments --quick                                     # small end-to-end demo (minutes)
+    python -m control.experiments --env hopper,walker2d,halfcheetah --dataset medium,medium-replay,medium-expert \\
+        --algos bc,filtered_bc,sft_q,iwsft,iwsft_q --seeds 3 --workers 2     # the grid: <out>/grid.md
 
 Every run writes <out>/<dataset>/<algo>/seed<k>/{result.json, curve.csv, policy.pt}; finished runs are skipped on a
 rerun if their settings and data match (else the script stops and lists what differs). BC is always trained first for
 each seed: it is the `bc` result and p_ref / the initialisation of the others; each fine-tuned run records the hash of
-the BC policy it started from and is retrained when that BC policy has changed. `--workers N` runs seeds in N
-processes (one torch thread each).
+the BC policy it started from and is retrained when that BC policy has changed. `--workers N` runs the jobs (one
+per dataset, seed and algorithm; a seed's fine-tuning jobs once its BC job has finished) in N processes (one torch
+thread each).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from tqdm.auto import tqdm
 
 from control.data import DEFAULT_STEPS, KINDS, build
 from control.episodes import Episodes, load_d4rl_hdf5, load_minari
-from control.published import corl_context
+from control.published import ALGOS as CORL_ALGOS, CORL_LAST, SOURCE as CORL_SOURCE, corl_context, dataset_kind
 from control.envs import check_shapes, get_env, versions
 from control.train import ALGOS, REDUCTIONS, TrainConfig, policy_from_state, state_hash, train
 
@@ -211,7 +214,66 @@ def check_filter(cfg: ExperimentConfig, data: Episodes) -> None:
                          f"{1 / data.num_episodes:.3g}, or drop {', '.join(need)} from --algos.")
 
 
+def expand_grid(cfg: ExperimentConfig) -> list[ExperimentConfig]:
+    """One config per (env, dataset) of the comma-separated `env` x `dataset` lists ("hopper,walker2d" x
+    "medium,medium-replay"); a single env and dataset give [cfg]. Raises ValueError for a list where the data names
+    its own environment (Minari id or folder, D4RL file) or an empty entry."""
+    envs = [e.strip() for e in (cfg.env or "").split(",")] if cfg.env else [None]
+    datasets = [d.strip() for d in cfg.dataset.split(",")]
+    if any(e == "" for e in envs) or any(d == "" for d in datasets):
+        raise ValueError(f"--env {cfg.env!r} / --dataset {cfg.dataset!r}: empty entry in a comma-separated list.")
+    if len(envs) * len(datasets) == 1:
+        return [replace(cfg, env=envs[0], dataset=datasets[0])]
+    if cfg.d4rl_file:
+        raise ValueError("--d4rl-file runs one file: drop the comma lists from --env / --dataset.")
+    if len(envs) > 1 and any(d not in KINDS for d in datasets):
+        raise ValueError(f"--env {cfg.env}: several environments only go with datasets to build {KINDS}; a Minari "
+                         f"dataset records its own environment (run it with one --env or none).")
+    return [replace(cfg, env=e, dataset=d) for e in envs for d in datasets]
+
+
+def prepare(cfg: ExperimentConfig) -> tuple[Episodes, Path]:
+    """Builds/loads one dataset and checks it before any training: shapes fit the evaluation env, the filter keeps
+    an episode, finished runs under its folder match the requested settings. Writes dataset.json."""
+    data, tag = load_dataset(cfg)
+    check_shapes(data.eval_env or get_env(data.env).gym_id, data.observations.shape[1], data.actions.shape[1],
+                 data.source)
+    check_filter(cfg, data)
+    root = Path(cfg.out) / tag
+    check_all_finished_runs(cfg, root, data.summary())
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps(data.summary(), indent=1))
+    print(f"dataset: {json.dumps(data.summary())}", flush=True)
+    return data, root
+
+
+def run_jobs(cfgs: list[ExperimentConfig], workers: int) -> None:
+    """Every (dataset, seed, algorithm) run as its own job in `workers` processes (one torch thread each): all BC
+    runs are queued first; a seed's fine-tuning runs are queued when its BC run finishes (they start from it). Finer
+    than one process per seed, so no core idles while another works through a whole seed. The first failure cancels
+    the queued jobs, waits for the running ones (each saves only when finished) and is raised."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, wait
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        running = {pool.submit(run_seed, c, seed, None, ["bc"]): (c, seed, "bc")
+                   for c in cfgs for seed in range(c.seeds)}
+        try:
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    c, seed, algo = running.pop(f)
+                    f.result()  # raises the job's error
+                    if algo == "bc":  # this seed's fine-tuning runs start from its BC policy: queue them now
+                        for a in (a for a in c.algos if a != "bc"):
+                            running[pool.submit(run_seed, c, seed, None, [a])] = (c, seed, a)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def run_all(cfg: ExperimentConfig) -> Path:
+    """Runs the experiment (one dataset, or the grid of comma-separated --env x --dataset); returns the output
+    folder of the dataset (one dataset) or `cfg.out` (a grid, whose table is grid.md there)."""
     if cfg.seeds < 1:
         raise ValueError(f"seeds={cfg.seeds} must be >= 1 (--seeds N runs seeds 0..N-1).")
     if cfg.workers < 1:
@@ -221,30 +283,28 @@ def run_all(cfg: ExperimentConfig) -> Path:
             raise ValueError(f"{flag} {val}: must be >= 0 (whole episodes per batch; 0 = the sampled approximation)")
     for algo in ("bc", *cfg.algos):  # check algorithm names and budgets before the (possibly long) dataset build
         train_config(cfg, algo, 0)
+    cfgs = expand_grid(cfg)
+    for c in cfgs:
+        if c.env is not None:
+            get_env(c.env)  # an unknown environment is refused before any dataset is built
     torch.set_num_threads(1)
-    data, tag = load_dataset(cfg)
-    # before any training: the data must fit the environment it will be evaluated in
-    check_shapes(data.eval_env or get_env(data.env).gym_id, data.observations.shape[1], data.actions.shape[1],
-                 data.source)
-    check_filter(cfg, data)
-    root = Path(cfg.out) / tag
-    check_all_finished_runs(cfg, root, data.summary())
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset.json").write_text(json.dumps(data.summary(), indent=1))
-    print(f"dataset: {json.dumps(data.summary())}", flush=True)
-    if cfg.workers == 1 or cfg.seeds == 1:
-        for seed in range(cfg.seeds):
-            run_seed(cfg, seed, data)
-    else:  # each process takes a whole seed (BC, then the rest from it), so no process waits for another's BC and an
-        # interrupted run leaves finished seeds; each process loads the dataset itself (cheaper than pickling it)
-        import multiprocessing as mp
-        with ProcessPoolExecutor(min(cfg.workers, cfg.seeds), mp_context=mp.get_context("spawn")) as pool:
-            for f in [pool.submit(run_seed, cfg, seed) for seed in range(cfg.seeds)]:
-                f.result()
-    table = write_table(root)
-    plot(root)
-    print(table)
-    return root
+    prepared = [(c, *prepare(c)) for c in cfgs]  # every dataset built and checked before any training
+    jobs = sum(c.seeds * (1 + len([a for a in c.algos if a != "bc"])) for c in cfgs)
+    if cfg.workers == 1 or jobs == 1:
+        for c, data, _ in prepared:
+            for seed in range(c.seeds):
+                run_seed(c, seed, data)
+    else:
+        run_jobs([c for c, _, _ in prepared], min(cfg.workers, jobs))
+    for _, _, root in prepared:
+        table = write_table(root)
+        plot(root)
+        print(table)
+    if len(prepared) == 1:
+        return prepared[0][2]
+    grid = write_grid_table(Path(cfg.out), [root for _, _, root in prepared])
+    print(grid)
+    return Path(cfg.out)
 
 
 # ---- reporting
@@ -375,6 +435,61 @@ def weight_lines(results: dict[str, list[dict]]) -> list[str]:
             "|---|---|---|---|---|---|---|", *rows]
 
 
+def write_grid_table(out: Path, roots: list[Path]) -> str:
+    """grid.md: a CORL-style table (a row per dataset, a column per algorithm, mean ± std over seeds, then the
+    average over datasets), CORL's published scores for the same rows as context, and the paired iw-SFT − filtered
+    BC differences per dataset and pooled over all (dataset, seed) pairs."""
+    rows, per_algo, pooled = [], {}, []
+    algos = [a for a in ALGOS if any((r / a).is_dir() for r in roots)]
+    corl = []
+    for root in roots:
+        ds = json.loads((root / "dataset.json").read_text())
+        kind = dataset_kind(ds.get("source", ""))
+        name = f"{ds.get('env')}-{kind}" if ds.get("env") and kind else root.name
+        results = load_results(root, algos)
+        cells = []
+        for a in algos:
+            s = np.array([r["final"]["score_mean"] for r in results.get(a, [])])
+            if len(s):
+                per_algo.setdefault(a, []).append(s.mean())
+                cells.append(f"{s.mean():.1f} ± {s.std(ddof=1) if len(s) > 1 else 0.0:.1f} ({len(s)})")
+            else:
+                cells.append("—")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        seeds, d = paired_differences(results, "iwsft", "filtered_bc")
+        if len(d):
+            pooled += list(d)
+            lo, hi = interval95(d)
+            pair = f"{d.mean():+.1f} [{lo:+.1f}, {hi:+.1f}]" if len(d) > 1 else f"{d.mean():+.1f} (1 seed)"
+            rows[-1] += f" {pair} |"
+        else:
+            rows[-1] += " — |"
+        pub = CORL_LAST.get((ds.get("env"), kind))
+        if pub:
+            corl.append(f"| {name} | " + " | ".join(f"{m:.1f} ± {sd:.1f}" for m, sd in pub.values()) + " |")
+    avg = [f"{np.mean(per_algo[a]):.1f}" if len(per_algo.get(a, [])) == len(roots) else "—" for a in algos]
+    if pooled:
+        lo, hi = interval95(np.array(pooled))
+        pooled_txt = f"{np.mean(pooled):+.1f} [{lo:+.1f}, {hi:+.1f}] ({len(pooled)} pairs)"
+    else:
+        pooled_txt = "—"
+    vers = versions()
+    lines = [f"Generated {datetime.date.today().isoformat()} with " + ", ".join(f"{k} {v}" for k, v in vers.items())
+             + f". Per-dataset details (settings, protocol, weights, plots): <dataset>/table.md.", "",
+             "Final D4RL-normalised score, mean ± std over seeds (seeds); last column: iw-SFT − filtered BC paired by "
+             "seed, mean [95% interval].", "",
+             "| dataset | " + " | ".join(algos) + " | iwsft − filtered_bc |",
+             "|---|" + "---|" * (len(algos) + 1), *rows,
+             "| **average** | " + " | ".join(avg) + f" | {pooled_txt} |"]
+    if corl:
+        lines += ["", f"Context, a different data source ({CORL_SOURCE}; D4RL -v2 files, SAC data on mujoco-py): "
+                  "not a baseline of ours.", "", "| dataset | " + " | ".join(CORL_ALGOS) + " |",
+                  "|---|" + "---|" * len(CORL_ALGOS), *corl]
+    text = "\n".join(lines) + "\n"
+    (out / "grid.md").write_text(text)
+    return text
+
+
 STYLES = {"bc": ("C0", "-"), "filtered_bc": ("C1", "--"), "sft_q": ("C4", "-."), "iwsft": ("C2", "-"),
           "iwsft_q": ("C3", ":")}
 
@@ -460,11 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = ExperimentConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--env", default=None,
-                   help="environment (hopper, walker2d, halfcheetah): picks the simulator a built dataset is recorded "
+                   help="environment (hopper, walker2d, halfcheetah; a comma list runs the grid with --dataset): picks the simulator a built dataset is recorded "
                         "and evaluated in (default hopper) and the D4RL reference scores; for a Minari dataset or "
                         "D4RL file it only fills in an environment the data does not record (refused if it "
                         "contradicts the recorded one)")
-    p.add_argument("--dataset", default=d.dataset, help=f"a kind to build {KINDS}, a Minari id or directory")
+    p.add_argument("--dataset", default=d.dataset, help=f"a kind to build {KINDS}, a Minari id or directory; a comma list (e.g. "
+                   "medium,medium-replay,medium-expert) runs every --env x dataset and writes <out>/grid.md")
     p.add_argument("--d4rl-file", default=None, help="a D4RL-format HDF5 file (overrides --dataset)")
     p.add_argument("--dataset-steps", type=int, default=d.dataset_steps,
                    help="size of a built dataset in environment steps (ignored for Minari ids and D4RL files)")
@@ -495,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-env", default=None,
                    help="gymnasium id to evaluate in instead of the dataset's own (D4RL files: <Env>-v4 by default); "
                         "warns when its version, kwargs or step limit differ from the dataset's")
-    p.add_argument("--workers", type=int, default=d.workers, help="seeds in parallel processes (one thread each)")
+    p.add_argument("--workers", type=int, default=d.workers, help="parallel processes, one torch thread each; every (dataset, seed, algorithm) run is one job, "
+                        "a seed's fine-tuning runs start when its BC run has finished")
     p.add_argument("--out", default=d.out, help="output root (<out>/<dataset>/<algo>/seed<k>/)")
     p.add_argument("--drop-nonfinite", action="store_true", help="drop episodes with NaN/inf instead of failing")
     p.add_argument("--quick", action="store_true", help="small end-to-end demo: " + json.dumps(QUICK))

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from control.train import state_hash
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--bc-steps", "30", "--steps", "20", "--batch-size", "64", "--eval-every", "10", "--eval-episodes", "1",
@@ -24,37 +27,60 @@ def run(args, tmp_path, ok=True):
     return p.stdout
 
 
+def _mean_std(xs):
+    """Naive mean and sample std (the oracle for the tables)."""
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
 @pytest.mark.slow
-def test_all_algorithms_on_a_built_dataset(tmp_path):
+def test_all_algorithms_on_a_grid_of_built_datasets_in_two_workers(tmp_path):
     algos = "bc,filtered_bc,sft_q,iwsft,iwsft_q"
-    out = run(["--env", "hopper", "--dataset", "medium-replay", "--dataset-steps", "3000", "--algos", algos, *TINY],
-              tmp_path)
-    root = tmp_path / "out" / "iwsft_hopper_medium-replay-3k-v0"
-    table = (root / "table.md").read_text()
-    for algo in algos.split(","):
-        res = json.loads((root / algo / "seed0" / "result.json").read_text())
-        assert res["config"]["algo"] == algo and np.isfinite(res["final"]["score_mean"])
-        assert res["final"]["episodes"] == 2
-        assert (root / algo / "seed0" / "curve.csv").exists()
-        assert f"| {algo} | 1 |" in table
-        if algo.startswith("iwsft"):
-            assert len(res["episode_weights"]) == res["train_episodes"]
-            assert res["curve"][-1]["weight_ess"] > 0
-    assert "last-score" in table and "2 evaluation episodes" in table
-    assert "Generated " in table and "mujoco " in table and "gymnasium " in table and "torch " in table
-    assert "Evaluated in `Hopper-v5`" in table and "reduction `episode`" in table
-    assert (root / "curves.png").stat().st_size > 0 and (root / "weights.png").stat().st_size > 0
-    assert "| algorithm |" in out
+    grid = ["--env", "hopper", "--dataset", "medium-replay,medium", "--dataset-steps", "3000", "--algos", algos,
+            *TINY[:-4], "--seeds", "2", "--refresh-every", "5", "--workers", "2", "--filter-fraction", "0.25"]
+    out = run(grid, tmp_path)
+    roots = [tmp_path / "out" / f"iwsft_hopper_{kind}-3k-v0" for kind in ("medium-replay", "medium")]
+    grid_md = (tmp_path / "out" / "grid.md").read_text()
+    for root in roots:
+        table = (root / "table.md").read_text()
+        for seed in (0, 1):
+            bc_hash = state_hash(torch.load(root / "bc" / f"seed{seed}" / "policy.pt"))
+            for algo in algos.split(","):
+                res = json.loads((root / algo / f"seed{seed}" / "result.json").read_text())
+                assert res["config"]["algo"] == algo and res["config"]["seed"] == seed
+                assert np.isfinite(res["final"]["score_mean"]) and res["final"]["episodes"] == 2
+                assert (root / algo / f"seed{seed}" / "curve.csv").exists()
+                if algo != "bc":  # each fine-tuning job started from its own seed's finished BC policy
+                    assert res["init_hash"] == bc_hash
+                if algo.startswith("iwsft"):
+                    assert len(res["episode_weights"]) == res["train_episodes"]
+                    assert res["curve"][-1]["weight_ess"] > 0
+        for algo in algos.split(","):
+            assert f"| {algo} | 2 |" in table
+        assert "last-score" in table and "2 evaluation episodes" in table
+        assert "Generated " in table and "mujoco " in table and "gymnasium " in table and "torch " in table
+        assert "Evaluated in `Hopper-v5`" in table and "reduction `episode`" in table
+        assert "| iwsft − filtered_bc | 2 |" in table
+        assert (root / "curves.png").stat().st_size > 0 and (root / "weights.png").stat().st_size > 0
+    # grid.md: one row per dataset, cells recomputed here from the saved results
+    for root, name in zip(roots, ("hopper-medium-replay", "hopper-medium")):
+        row = next(x for x in grid_md.splitlines() if x.startswith(f"| {name} |"))
+        for algo in algos.split(","):
+            m, sd = _mean_std([json.loads((root / algo / f"seed{k}" / "result.json").read_text())["final"]["score_mean"]
+                               for k in (0, 1)])
+            assert f"{m:.1f} ± {sd:.1f} (2)" in row
+    assert "| **average** |" in grid_md
+    assert "| hopper-medium-replay | 29.8 ± 2.1 | 70.4 ± 8.7 |" in grid_md  # CORL's published row, as context
+    assert "| dataset |" in out
     # resumable: a second run trains nothing
-    mtime = (root / "iwsft" / "seed0" / "result.json").stat().st_mtime
-    out2 = run(["--env", "hopper", "--dataset", "medium-replay", "--dataset-steps", "3000", "--algos", algos, *TINY],
-               tmp_path)
-    assert "seed0: score" not in out2 and f"bc seed0: skipped, finished run in {root / 'bc' / 'seed0'} reused" in out2
-    assert (root / "iwsft" / "seed0" / "result.json").stat().st_mtime == mtime
+    mtime = (roots[0] / "iwsft" / "seed1" / "result.json").stat().st_mtime
+    out2 = run(grid, tmp_path)
+    assert "seed0: score" not in out2 and "seed1: score" not in out2
+    assert f"bc seed1: skipped, finished run in {roots[1] / 'bc' / 'seed1'} reused" in out2
+    assert (roots[0] / "iwsft" / "seed1" / "result.json").stat().st_mtime == mtime
     # ... but a finished run is never reused for other settings (its score would be reported under them)
-    other = [("21" if x == "20" else x) for x in TINY]  # --steps 21
-    err = run(["--env", "hopper", "--dataset", "medium-replay", "--dataset-steps", "3000", "--algos", algos, *other],
-              tmp_path, ok=False)
+    other = [("21" if x == "20" else x) for x in grid]  # --steps 21
+    err = run(other, tmp_path, ok=False)
     assert "finished run with other settings" in err and "'steps': (20, 21)" in err
 
 
