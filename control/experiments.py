@@ -284,9 +284,15 @@ def run_all(cfg: ExperimentConfig) -> Path:
     for algo in ("bc", *cfg.algos):  # check algorithm names and budgets before the (possibly long) dataset build
         train_config(cfg, algo, 0)
     cfgs = expand_grid(cfg)
-    for c in cfgs:
+    for c in cfgs:  # an unknown environment, or one without behaviour snapshots, is refused before any build
         if c.env is not None:
-            get_env(c.env)  # an unknown environment is refused before any dataset is built
+            get_env(c.env)
+        if c.dataset in KINDS and not c.d4rl_file:
+            import minari
+            from control.agent import list_snapshots
+            from control.data import dataset_id
+            if dataset_id(c.env or "hopper", c.dataset, c.dataset_steps) not in minari.list_local_datasets():
+                list_snapshots(c.env or "hopper")
     torch.set_num_threads(1)
     prepared = [(c, *prepare(c)) for c in cfgs]  # every dataset built and checked before any training
     jobs = sum(c.seeds * (1 + len([a for a in c.algos if a != "bc"])) for c in cfgs)

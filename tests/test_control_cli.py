@@ -4,7 +4,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import h5py
@@ -168,3 +168,25 @@ def test_table_prints_corl_context_only_where_published(tmp_path):
     assert "a different data source" in line and "10%BC 70.4 ± 8.7" in line and "IQL 97.4 ± 6.4" in line
     (tmp_path / "dataset.json").write_text(json.dumps({**ds, "source": "minari:iwsft/hopper/expert-v0"}))
     assert "Context" not in ex.write_table(tmp_path)  # CORL publishes no gym-mujoco expert rows
+
+
+def test_grid_refuses_an_environment_without_snapshots_before_building_anything(tmp_path, monkeypatch):
+    import control.agent
+    real = control.agent.list_snapshots
+
+    def snapshots(env, *a, **k):
+        if env == "walker2d":  # as on a fresh clone before its agent is trained
+            raise FileNotFoundError("no behaviour-policy snapshots in control/assets/walker2d: train them")
+        return real(env, *a, **k)
+
+    monkeypatch.setattr(control.agent, "list_snapshots", snapshots)
+    monkeypatch.setattr(ex, "build", lambda *a, **k: pytest.fail("a dataset was built before the refusal"))
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    cfg = ex.ExperimentConfig(env="hopper,walker2d", dataset="medium,medium-replay", out=str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="control/assets/walker2d"):
+        ex.run_all(cfg)
+    with pytest.raises(ValueError, match="several environments only go with datasets to build"):
+        ex.run_all(replace(cfg, dataset="medium,mujoco/hopper/medium-v0"))
+    with pytest.raises(ValueError, match="empty entry"):
+        ex.run_all(replace(cfg, dataset="medium,,expert"))
+    assert not (tmp_path / "out").exists()
