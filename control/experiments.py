@@ -432,13 +432,18 @@ def weight_lines(results: dict[str, list[dict]]) -> list[str]:
             if last is None or not len(w):
                 continue
             at_clip = int((w >= r["config"]["clip_max"] * (1 - 1e-6)).sum())
+            ret = np.asarray(r.get("episode_returns") or [], dtype=float)
+            top = ""
+            if len(ret) == len(w):  # where the weight went: the top-weighted episode's return and its rank (1 = best)
+                i = int(np.argmax(w))
+                top = f"{ret[i]:.0f} ({int((ret > ret[i]).sum()) + 1} of {len(ret)})"
             rows.append(f"| {algo} | {r['config']['seed']} | {len(w)} | {last['weight_max']:.4g} | "
-                        f"{last['weight_ess']:.3f} | {at_clip} | {r['final']['score_mean']:.1f} |")
+                        f"{last['weight_ess']:.3f} | {at_clip} | {top} | {r['final']['score_mean']:.1f} |")
     if not rows:
         return []
     return ["", "Importance weights over the training episodes after the last step (ESS fraction = (Σw)² / (n Σw²)):",
-            "", "| algorithm | seed | episodes | max weight | ESS fraction | at the clip | final score |",
-            "|---|---|---|---|---|---|---|", *rows]
+            "", "| algorithm | seed | episodes | max weight | ESS fraction | at the clip | return of the top-weighted "
+            "episode (rank by return) | final score |", "|---|---|---|---|---|---|---|---|", *rows]
 
 
 def write_grid_table(out: Path, roots: list[Path]) -> str:

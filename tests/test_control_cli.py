@@ -146,8 +146,10 @@ def test_table_reports_paired_differences_with_a_hand_computed_interval():
 
 def test_table_reports_the_final_weights_and_how_many_sit_at_the_clip():
     w = [1000.0, 999.9995, 0.5, 1e-9]  # two at the clip (the second within fp32 rounding of it)
-    rows = ex.weight_lines({"iwsft": [_res(4, 41.7, w, 1000.0001, 0.02574)]})
-    assert "| iwsft | 4 | 4 | 1000 | 0.026 | 2 | 41.7 |" in rows
+    r = _res(4, 41.7, w, 1000.0001, 0.02574)
+    r["episode_returns"] = [1245.0, 3000.0, 2000.0, 1500.0]  # the top weight sits on the worst episode: rank 4 of 4
+    rows = ex.weight_lines({"iwsft": [r]})
+    assert "| iwsft | 4 | 4 | 1000 | 0.026 | 2 | 1245 (4 of 4) | 41.7 |" in rows
 
 
 @pytest.mark.parametrize("name,kind", [
