@@ -8,7 +8,11 @@ SAC runs ~40 environment steps/s (one 256x256 gradient step per environment step
 would take hours; tuned PPO runs ~300-500 steps/s and gets there within ~30 min.
 
 Training is resumable (the SB3 checkpoint and normaliser are kept under --workdir); the snapshots go to
-control/assets/<env>/ and are all that `control.data` needs to rebuild the datasets on a fresh machine.
+control/assets/<env>/ and are all that `control.data` needs to rebuild the datasets on a fresh machine. Next to them
+``agent.json`` records the run (environment, hyperparameter source, seed, steps asked for and done, versions) and
+whether its training finished: it is written with ``"finished": false`` when training starts and rewritten with
+``"finished": true`` after the last snapshot, and `control.data` refuses to build from snapshots of an agent without a
+finished record (``check_agent_finished``) unless told to (``--allow-unfinished-agent``).
 
     OMP_NUM_THREADS=1 python -m control.agent --env hopper                       # 300k steps (shipped)
     OMP_NUM_THREADS=1 python -m control.agent --env walker2d                     # rl-zoo3 tuned PPO
@@ -32,12 +36,15 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 # PPO settings per environment. "zoo" entries are rl-zoo3 2.9.2's tuned values (hyperparams/ppo.yml, the -v4 envs);
 # total_steps / snapshot_every are ours: stop when the agent is at D4RL's "medium" level, ~12-30 snapshots.
 HYPERPARAMS = {
-    "hopper": dict(total_steps=300_000, snapshot_every=10_240, normalize=False, half=False, ppo={}),
+    "hopper": dict(total_steps=300_000, snapshot_every=10_240, normalize=False, half=False, ppo={},
+                   source="SB3 PPO defaults"),
     "walker2d": dict(
+        source="rl-zoo3 2.9.2 hyperparams/ppo.yml (Walker2d-v4)",
         total_steps=1_000_000, snapshot_every=51_200, normalize=True, half=False,
         ppo=dict(batch_size=32, n_steps=512, gamma=0.99, learning_rate=5.05041e-05, ent_coef=0.000585045,
                  clip_range=0.1, n_epochs=20, gae_lambda=0.95, max_grad_norm=1.0, vf_coef=0.871923)),
     "halfcheetah": dict(
+        source="rl-zoo3 2.9.2 hyperparams/ppo.yml (HalfCheetah-v4)",
         total_steps=1_000_000, snapshot_every=51_200, normalize=True, half=True,  # 256x256 nets: fp16 snapshots
         ppo=dict(batch_size=64, n_steps=512, gamma=0.98, learning_rate=2.0633e-05, ent_coef=0.000401762,
                  clip_range=0.1, n_epochs=20, gae_lambda=0.92, max_grad_norm=0.8, vf_coef=0.58096,
@@ -106,6 +113,82 @@ def list_snapshots(env: str, assets: str | Path = ASSETS) -> list[Path]:
     return snaps
 
 
+AGENT_RECORD = "agent.json"  # in <assets>/<env>/, next to the snapshots
+
+
+def agent_record(env: str, assets: str | Path = ASSETS) -> dict | None:
+    """The run record `train_agent` keeps in <assets>/<env>/agent.json (None when there is none).
+    Raises ValueError if the file is not a JSON object."""
+    p = Path(assets) / get_env(env).name / AGENT_RECORD
+    if not p.exists():
+        return None
+    try:
+        rec = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON ({e}); delete it and finish the agent's training with "
+                         f"`{_train_command(env, assets)}` (resumable), which rewrites it") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{p} must hold a JSON object (the agent's run record), got {type(rec).__name__}")
+    return rec
+
+
+def _train_command(env: str, assets: str | Path) -> str:
+    cmd = f"python -m control.agent --env {get_env(env).name}"
+    return cmd if Path(assets).resolve() == ASSETS.resolve() else f"{cmd} --assets {assets}"
+
+
+def _snapshot_steps(path: Path) -> int:
+    with np.load(path) as z:
+        return int(z["steps"])
+
+
+def check_agent_finished(env: str, assets: str | Path = ASSETS) -> dict:
+    """The run record of the agent whose snapshots are in <assets>/<env>/, if its training finished.
+
+    Finished means: agent.json exists, says ``"finished": true``, and names the last snapshot in the folder as its
+    final one (so snapshots added by a later, unfinished run are not mistaken for the finished agent).
+    Raises FileNotFoundError when there are no snapshots (list_snapshots), ValueError otherwise, naming the steps
+    done out of the steps asked for and the command that finishes the training."""
+    name = get_env(env).name
+    snaps = list_snapshots(name, assets)
+    last = snaps[-1]
+    rec = agent_record(name, assets)
+    d = last.parent
+    fix = (f"Finish the training with `{_train_command(name, assets)}` (resumable), or pass "
+           f"--allow-unfinished-agent (control.data.build(..., allow_unfinished_agent=True)) to build from these "
+           f"snapshots anyway.")
+    if rec is None or rec.get("finished") is not True:
+        total = (rec or {}).get("total_steps") or HYPERPARAMS[name]["total_steps"]
+        why = f"no {AGENT_RECORD} recording a finished run" if rec is None else f"{AGENT_RECORD} says unfinished"
+        raise ValueError(
+            f"{d}: the behaviour agent's training is unfinished: its last snapshot ({last.name}) is at "
+            f"{_snapshot_steps(last):,} of {int(total):,} steps ({why}), so a dataset built from it would not be "
+            f"what its kind says. {fix}")
+    if rec.get("final_snapshot") != last.name:
+        raise ValueError(
+            f"{d}: {AGENT_RECORD} records a finished run ending at {rec.get('final_snapshot')!r}, but the last "
+            f"snapshot here is {last.name} ({_snapshot_steps(last):,} steps): the snapshots changed after that run "
+            f"finished. {fix}")
+    return rec
+
+
+def _write_record(path: Path, rec: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")  # never leave half a record: write, then rename
+    tmp.write_text(json.dumps(rec, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for pkg in ("stable-baselines3", "gymnasium", "mujoco", "torch", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
 def _save_snapshot(model, steps: int, out_dir: Path, vecnorm=None, half: bool = False) -> Path:
     """Writes the actor of `model` (and the observation normaliser `vecnorm`, if any) as snap_<steps>.npz."""
     sd = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.policy.state_dict().items()}
@@ -129,6 +212,9 @@ def _save_snapshot(model, steps: int, out_dir: Path, vecnorm=None, half: bool = 
 
 
 def train_agent(cfg: AgentConfig) -> list[Path]:
+    """Trains (or resumes) the PPO agent of `cfg.env`, writing snapshots to <assets>/<env>/ and the run record
+    <assets>/<env>/agent.json ("finished": false while training, true after the last snapshot). Returns the
+    snapshots in training order."""
     import gymnasium as gym
     import torch
     from stable_baselines3 import PPO
@@ -184,22 +270,45 @@ def train_agent(cfg: AgentConfig) -> list[Path]:
         def _on_step(self) -> bool:
             return True
 
+    record_path = out_dir / AGENT_RECORD
+    seed = model.seed if getattr(model, "seed", None) is not None else cfg.seed  # a resumed run keeps its own seed
+    record = dict(env=spec.name, gym_id=spec.gym_id, algorithm="stable-baselines3 PPO, MlpPolicy",
+                  hyperparams_source=hp.get("source", "control.agent.HYPERPARAMS"), ppo=hp["ppo"],
+                  normalize=hp["normalize"], seed=seed, total_steps=int(total), snapshot_every=int(every),
+                  steps_done=int(model.num_timesteps), finished=False, workdir=str(ckpt.parent), versions=_versions())
     remaining = total - model.num_timesteps
     if remaining > 0:
+        # unfinished until the last snapshot is written: an interrupted run leaves "finished": false behind
+        _write_record(record_path, record)
         model.learn(remaining, callback=Snapshots(), reset_num_timesteps=False)
+    elif (rec := agent_record(spec.name, cfg.assets)) and rec.get("finished") is True:
+        snaps = list_snapshots(cfg.env, cfg.assets)
+        if rec.get("final_snapshot") == snaps[-1].name:
+            return snaps  # already finished and recorded: nothing to do
+    if not (out_dir / f"snap_{model.num_timesteps:08d}.npz").exists():
         checkpoint(model.num_timesteps)
-    return list_snapshots(cfg.env, cfg.assets)
+    snaps = list_snapshots(cfg.env, cfg.assets)
+    _write_record(record_path, {**record, "steps_done": int(model.num_timesteps), "snapshots": len(snaps),
+                                "final_snapshot": snaps[-1].name, "finished": True})
+    return snaps
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     d = AgentConfig()
-    p.add_argument("--env", default=d.env)
-    p.add_argument("--total-steps", type=int, default=None, help="default: per environment (HYPERPARAMS)")
-    p.add_argument("--snapshot-every", type=int, default=None, help="default: per environment (HYPERPARAMS)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--workdir", default=d.workdir)
-    p.add_argument("--assets", default=d.assets)
+    p.add_argument("--env", default=d.env, help="environment to train the behaviour agent in (hopper, walker2d, "
+                                                "halfcheetah)")
+    p.add_argument("--total-steps", type=int, default=None, help="environment steps in total; default: per "
+                                                                 "environment (HYPERPARAMS)")
+    p.add_argument("--snapshot-every", type=int, default=None, help="steps between snapshots; default: per "
+                                                                    "environment (HYPERPARAMS)")
+    p.add_argument("--seed", type=int, default=d.seed, help="PPO seed (a resumed run keeps its own)")
+    p.add_argument("--workdir", default=d.workdir, help="where the resumable SB3 checkpoint is kept (<workdir>/<env>/)")
+    p.add_argument("--assets", default=d.assets, help="where the snapshots and agent.json go (<assets>/<env>/)")
     a = p.parse_args(argv)
     snaps = train_agent(AgentConfig(a.env, a.total_steps, a.snapshot_every, a.seed, a.workdir, a.assets))
     print(f"{len(snaps)} snapshots in {snaps[0].parent}")

@@ -79,6 +79,19 @@ def make_env(spec: str):
     return gym.make(spec)
 
 
+def check_eval_env(env_id: str) -> None:
+    """Raises ValueError naming --eval-env if `env_id` is not a gymnasium id that can be made here (unknown ids,
+    and mujoco-py based versions such as Hopper-v3, which gymnasium 1.x moved to gymnasium-robotics)."""
+    import gymnasium as gym
+
+    try:
+        make_env(env_id).close()
+    except (gym.error.Error, ImportError, ModuleNotFoundError, TypeError, ValueError) as e:
+        names = ", ".join(f"{s.gym_id} / {s.gym_id.rsplit('-', 1)[0]}-v4" for s in ENVS.values())
+        raise ValueError(f"--eval-env {env_id!r} cannot be made here ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"use a gymnasium id such as {names}.") from None
+
+
 def describe_env(spec: str) -> dict:
     """{"id", "kwargs", "max_episode_steps"} of an id or EnvSpec JSON (for results and reports)."""
     if spec.lstrip().startswith("{"):
@@ -100,8 +113,9 @@ def check_shapes(spec: str, obs_dim: int, act_dim: int, source: str = "dataset")
         raise ValueError(
             f"{source}: observations [{obs_dim}] / actions [{act_dim}] do not fit the evaluation environment "
             f"{describe_env(spec)['id']} (observation space {o}, action space {a}). The data was recorded in another "
-            f"environment or with other settings: pass the right one with --eval-env (an id such as Hopper-v4) or fix "
-            f"the dataset's env spec.")
+            f"environment or with other settings: for a D4RL file pass its environment with --env (hopper, walker2d, "
+            f"halfcheetah; else it is read from the file name); --eval-env only picks another version of the same "
+            f"environment (e.g. Hopper-v4); for a Minari dataset fix its env spec.")
 
 
 def versions() -> dict:

@@ -8,6 +8,7 @@ Episode e owns steps `offsets[e]:offsets[e+1]` of `observations`, `actions` and 
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,21 +107,73 @@ class Episodes:
             out["split_episodes"] = dict(self.splits)
         if self.eval_warning is not None:  # only then: summaries of data without an override are unchanged
             out["eval_warning"] = self.eval_warning
+        out["content_sha256"] = self.content_hash()
         return out
+
+    def content_hash(self) -> str:
+        """sha256 (first 16 hex digits) of the arrays trained on (observations, actions, rewards, episode offsets,
+        terminals, with dtypes and shapes): two datasets with the same name and summary but other contents differ."""
+        h = hashlib.sha256()
+        for a in (self.observations, self.actions, self.rewards, self.offsets, self.terminated):
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()[:16]
 
 
 def _from_lists(obs, act, rew, term, env, source, drop_nonfinite=False, eval_env=None, splits=None,
                 eval_warning=None) -> Episodes:
-    """Builds Episodes from per-episode arrays, optionally dropping episodes with NaN/inf values."""
+    """Builds Episodes from per-episode arrays, optionally dropping episodes with NaN/inf values.
+
+    Warns (UserWarning) how many episodes `drop_nonfinite` dropped, and how many steps have actions outside
+    [-1, 1] (ACTION_LOW, ACTION_HIGH), with the range seen. Raises ValueError when there is no episode, or when
+    `drop_nonfinite` drops all of them."""
+    import warnings
+
     if drop_nonfinite:
         keep = [i for i in range(len(obs)) if all(np.isfinite(x).all() for x in (obs[i], act[i], rew[i]))]
+        dropped = len(obs) - len(keep)
+        if obs and not keep:
+            raise ValueError(f"{source}: all {len(obs)} episodes had NaN/inf values in observations, actions or "
+                             f"rewards, so --drop-nonfinite (drop_nonfinite=True) dropped every one; fix the source "
+                             f"data.")
+        if dropped:
+            kept = set(keep)
+            n_steps = sum(len(rew[i]) for i in range(len(rew)) if i not in kept)
+            warnings.warn(f"{source}: --drop-nonfinite dropped {dropped} of {len(obs)} episodes ({n_steps} steps) "
+                          f"with NaN/inf values; {len(keep)} episodes remain.", UserWarning, stacklevel=3)
         obs, act, rew, term = [obs[i] for i in keep], [act[i] for i in keep], [rew[i] for i in keep], [term[i] for i in keep]
     if not obs:
         raise ValueError(f"{source}: no episodes to load")
+    _warn_actions_out_of_range(act, source)
     lengths = [len(r) for r in rew]
     return Episodes(np.concatenate(obs), np.concatenate(act), np.concatenate(rew),
                     np.concatenate([[0], np.cumsum(lengths)]), np.array(term, dtype=bool), env, source, eval_env, splits,
                     eval_warning)
+
+
+# The MuJoCo locomotion tasks here (Hopper, Walker2d, HalfCheetah) all have the action space Box(-1, 1); the policy's
+# mean is tanh-squashed (control.policy), so it can never produce actions outside it.
+ACTION_LOW, ACTION_HIGH = -1.0, 1.0
+ACTION_TOL = 1e-6  # float32 round-off of a clipped 1.0 is not a violation
+
+
+def _warn_actions_out_of_range(act: list, source: str) -> None:
+    """UserWarning naming how many steps have an action entry outside [ACTION_LOW, ACTION_HIGH] and the range seen.
+    Non-finite entries are left to Episodes.validate (which names them)."""
+    import warnings
+
+    a = np.concatenate([np.asarray(x).reshape(len(x), -1) for x in act])  # [N, act_dim]
+    finite = np.isfinite(a)
+    fin = np.where(finite, a, 0.0)
+    bad = ((fin < ACTION_LOW - ACTION_TOL) | (fin > ACTION_HIGH + ACTION_TOL)).any(axis=1)  # [N]
+    if bad.any():
+        lo, hi = float(a[finite].min()), float(a[finite].max())
+        warnings.warn(f"{source}: {int(bad.sum())} of {len(a)} steps have actions outside the action space "
+                      f"[{ACTION_LOW:g}, {ACTION_HIGH:g}] (range seen: [{lo:.4g}, {hi:.4g}]); the policy's tanh mean "
+                      f"cannot reach them, so fitting them pushes the mean to the edge and widens the std (and the "
+                      f"environment clips them anyway). Clip or rescale the actions to [-1, 1] if they are in other "
+                      f"units.", UserWarning, stacklevel=4)
 
 
 def _check_env_override(env: str | None, recorded: str | None, source: str) -> None:
@@ -291,16 +344,29 @@ def load_d4rl_hdf5(path: str | Path, env: str | None = None, drop_nonfinite: boo
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"D4RL file {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a D4RL HDF5 file (a Minari dataset directory goes to "
+                         f"--dataset, a D4RL .hdf5 file to --d4rl-file)")
+    if not h5py.is_hdf5(path):  # h5py's own error would be "file signature not found"
+        raise ValueError(f"{path.name}: not an HDF5 file (no HDF5 signature; {path.stat().st_size} bytes at {path}). "
+                         f"--d4rl-file takes a D4RL-format .hdf5 file (fields {list(D4RL_FIELDS)}); a truncated "
+                         f"download also looks like this: download it again.")
     with h5py.File(path, "r") as f:
         missing = [k for k in D4RL_FIELDS if k not in f]
-        if "timeouts" in missing:
+        if missing == ["timeouts"]:
             raise ValueError(
                 f"{path}: no 'timeouts' field, so episode boundaries at the time limit are unknown (D4RL -v0 files "
                 f"lack it). Use the -v2 file of this dataset, or add a boolean 'timeouts' array [N] (True at the "
                 f"last step of every time-limited episode) to the file."
             )
         if missing:
-            raise ValueError(f"{path}: missing D4RL field(s) {missing}; expected {list(D4RL_FIELDS)}")
+            hint = " (D4RL -v0 files also lack 'timeouts': use the -v2 file)" if "timeouts" in missing else ""
+            raise ValueError(f"{path}: missing D4RL field(s) {missing}; a D4RL file needs all of "
+                             f"{list(D4RL_FIELDS)}, this one has {sorted(f.keys())}{hint}.")
+        for k in D4RL_FIELDS:
+            if not isinstance(f[k], h5py.Dataset) or f[k].ndim < 1:
+                raise ValueError(f"{path}: {k!r} must be an array with one entry per step, not "
+                                 f"{'a group' if not isinstance(f[k], h5py.Dataset) else 'a scalar'}.")
         data = {k: f[k][()] for k in D4RL_FIELDS}
         next_obs = f["next_observations"][()] if "next_observations" in f else None
         n = len(data["rewards"])
@@ -310,6 +376,9 @@ def load_d4rl_hdf5(path: str | Path, env: str | None = None, drop_nonfinite: boo
                                  f"field must have one entry per step. Re-export the file.")
         if next_obs is not None and len(next_obs) != n:
             raise ValueError(f"{path}: field 'next_observations' has {len(next_obs)} entries but 'rewards' has {n}.")
+        if n == 0:
+            raise ValueError(f"{path.name}: the file holds 0 steps (every D4RL field is empty), so there is "
+                             f"nothing to train on ({path}). Re-export the file with its data.")
         recorded = f.attrs.get("env_name") or (f["metadata/env_name"][()] if "metadata/env_name" in f else None)
     if isinstance(recorded, bytes):
         recorded = recorded.decode()

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 from control.data import DEFAULT_STEPS, KINDS, build
 from control.episodes import Episodes, load_d4rl_hdf5, load_minari
 from control.published import ALGOS as CORL_ALGOS, CORL_LAST, SOURCE as CORL_SOURCE, corl_context, dataset_kind
-from control.envs import check_shapes, get_env, versions
+from control.envs import check_eval_env, check_shapes, get_env, versions
 from control.train import ALGOS, REDUCTIONS, TrainConfig, policy_from_state, state_hash, train
 
 
@@ -110,9 +111,17 @@ def save_run(run_dir: Path, result: dict) -> None:
 def settings_changed(run_dir: Path, tcfg: TrainConfig, dataset: dict) -> dict:
     """{field: (saved, requested)} where the finished run in `run_dir` differs from `tcfg` / `dataset`."""
     result = json.loads((run_dir / "result.json").read_text())
-    saved = {**result["config"], "dataset": result.get("dataset")}
-    wanted = json.loads(json.dumps({**asdict(tcfg), "dataset": dataset}))  # tuples -> lists, as stored
-    return {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    saved_ds = result.get("dataset") or {}
+    wanted_ds = json.loads(json.dumps(dataset))
+    if "content_sha256" not in saved_ds:  # saved before the content hash was recorded: matched by the summary
+        wanted_ds.pop("content_sha256", None)
+    # the data record field by field ("dataset.eval_env"), so a refusal names what differs, not the whole record
+    saved = {**result["config"], **{f"dataset.{k}": v for k, v in saved_ds.items()}}
+    wanted = json.loads(json.dumps({**asdict(tcfg), **{f"dataset.{k}": v for k, v in wanted_ds.items()}}))
+    if saved.get("eval_every") == 0 and wanted.get("eval_every") == 0:
+        wanted["eval_episodes"] = saved.get("eval_episodes")  # never used without intermediate evaluations
+    keys = list(wanted) + [k for k in saved if k.startswith("dataset.") and k not in wanted]
+    return {k: (saved.get(k), wanted.get(k)) for k in keys if saved.get(k) != wanted.get(k)}
 
 
 def check_all_finished_runs(cfg: "ExperimentConfig", root: Path, dataset: dict) -> None:
@@ -254,7 +263,7 @@ def run_jobs(cfgs: list[ExperimentConfig], workers: int) -> None:
     the queued jobs, waits for the running ones (each saves only when finished) and is raised."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, wait
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_ignore_sigint) as pool:
         running = {pool.submit(run_seed, c, seed, None, ["bc"]): (c, seed, "bc")
                    for c in cfgs for seed in range(c.seeds)}
         try:
@@ -266,9 +275,17 @@ def run_jobs(cfgs: list[ExperimentConfig], workers: int) -> None:
                     if algo == "bc":  # this seed's fine-tuning runs start from its BC policy: queue them now
                         for a in (a for a in c.algos if a != "bc"):
                             running[pool.submit(run_seed, c, seed, None, [a])] = (c, seed, a)
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):  # stopped by the user: stop the running jobs too (they would
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):  # outlive this process)
+                    proc.terminate()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def _ignore_sigint():
+    """Workers ignore Ctrl-C (sent to the whole process group): the main process stops them, without tracebacks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_all(cfg: ExperimentConfig) -> Path:
@@ -281,6 +298,18 @@ def run_all(cfg: ExperimentConfig) -> Path:
     for flag, val in (("--full-episodes", cfg.full_episodes), ("--bc-full-episodes", cfg.bc_full_episodes)):
         if val < 0:
             raise ValueError(f"{flag} {val}: must be >= 0 (whole episodes per batch; 0 = the sampled approximation)")
+    if not cfg.algos:
+        raise ValueError("--algos is empty: name at least one of " + ", ".join(ALGOS) + " (e.g. --algos bc).")
+    for flag, val in (("--bc-steps", cfg.bc_steps), ("--steps", cfg.steps), ("--dataset-steps", cfg.dataset_steps)):
+        if val < 1:
+            raise ValueError(f"{flag} {val}: must be >= 1.")
+    if any(a in ("filtered_bc", "iwsft") for a in cfg.algos) and not 0 < cfg.filter_fraction <= 1:  # also nan
+        raise ValueError(f"--filter-fraction {cfg.filter_fraction}: must be in (0, 1] (the top fraction of episodes "
+                         f"by return that filtered_bc / iwsft keep; authors: 0.1).")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out}: is a file, not a folder; pick a folder for the runs.")
+    if cfg.eval_env:
+        check_eval_env(cfg.eval_env)
     for algo in ("bc", *cfg.algos):  # check algorithm names and budgets before the (possibly long) dataset build
         train_config(cfg, algo, 0)
     cfgs = expand_grid(cfg)
@@ -345,15 +374,20 @@ def write_table(root: Path) -> str:
     first = next(iter(results.values()))[0] if results else {}
     vers = first.get("versions") or versions()
     ev = first.get("eval_env") or ds.get("eval_env") or {}
-    cfg0 = (results.get("iwsft") or results.get("iwsft_q") or results.get("filtered_bc") or [first])[0].get("config", {})
-    mode = (f"exact ({cfg0.get('full_episodes')} whole episodes per batch)" if cfg0.get("full_episodes")
+    tuned = [a for a in ("iwsft", "iwsft_q", "filtered_bc", "sft_q") if a in results]  # fine-tuned algorithms
+    cfg0 = results[tuned[0]][0]["config"] if tuned else {}
+    parts = []
+    if cfg0:
+        parts.append("fine-tuning " + (
+            f"exact ({cfg0.get('full_episodes')} whole episodes per batch)" if cfg0.get("full_episodes")
             else f"sampled approximation ({cfg0.get('batch_size')} steps per batch drawn from a virtual batch of "
-                 f"{cfg0.get('virtual_episodes')} episodes ∝ weight)")
+                 f"{cfg0.get('virtual_episodes')} episodes ∝ weight)"))
     bc0 = (results.get("bc") or [{}])[0].get("config", {})
     if bc0:
-        mode = "fine-tuning " + mode + ("; BC exact ({} whole episodes per batch)".format(bc0["full_episodes"])
-                                        if bc0.get("full_episodes") else
-                                        "; BC sampled approximation ({} steps per batch)".format(bc0.get("batch_size")))
+        parts.append("BC exact ({} whole episodes per batch)".format(bc0["full_episodes"]) if bc0.get("full_episodes")
+                     else "BC sampled approximation ({} steps per batch)".format(bc0.get("batch_size")))
+    mode = "; ".join(parts) or "no runs yet"
+    cfg0 = cfg0 or bc0
     split = ds.get("split_episodes")
     lines = [f"Generated {datetime.date.today().isoformat()} with " + ", ".join(f"{k} {v}" for k, v in vers.items())
              + ".", "",
@@ -362,8 +396,9 @@ def write_table(root: Path) -> str:
              + (f"; unmarked episode ends split: {split}" if split is not None else "") + ".",
              f"Evaluated in `{ev.get('id')}`" + (f" with kwargs {ev.get('kwargs')}" if ev.get("kwargs") else "")
              + (f" (warning: {ds['eval_warning'].rstrip('.')})" if ds.get("eval_warning") else "")
-             + f". Loss reduction `{cfg0.get('reduction', 'step')}`, {mode}, importance weights refreshed every "
-             f"{cfg0.get('refresh_every')} step(s).",
+             + f". Loss reduction `{cfg0.get('reduction', 'step')}`, {mode}"
+             + (f", importance weights refreshed every {cfg0.get('refresh_every')} step(s)."
+                if any(a in results for a in ("iwsft", "iwsft_q")) else "."),
              "",
              "| algorithm | seeds | final normalised score (mean ± std) | 95% interval | train steps | wall time / run |",
              "|---|---|---|---|---|---|"]
@@ -587,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--env", default=None,
                    help="environment (hopper, walker2d, halfcheetah; a comma list runs the grid with --dataset): picks the simulator a built dataset is recorded "
-                        "and evaluated in (default hopper) and the D4RL reference scores; for a Minari dataset or "
+                        "and evaluated in (hopper when not given) and the D4RL reference scores; for a Minari dataset or "
                         "D4RL file it only fills in an environment the data does not record (refused if it "
                         "contradicts the recorded one)")
     p.add_argument("--dataset", default=d.dataset, help=f"a kind to build {KINDS}, a Minari id or directory; a comma list (e.g. "
@@ -640,9 +675,16 @@ def main(argv=None):
         bc_full_episodes=a.bc_full_episodes, refresh_every=a.refresh_every, filter_fraction=a.filter_fraction, eval_every=a.eval_every,
         eval_episodes=a.eval_episodes, final_eval_episodes=a.final_eval_episodes, eval_env=a.eval_env, out=a.out,
         drop_nonfinite=a.drop_nonfinite, workers=a.workers)
-    if a.quick:
+    if a.quick:  # the demo's own settings: a flag that would change one is refused, not silently overridden
+        given = {k: getattr(cfg, k) for k in QUICK if getattr(cfg, k) != getattr(d, k)}
+        if given:
+            flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+            print(f"error: --quick sets {flags} itself ({', '.join(f'{k}={QUICK[k]}' for k in given)}); drop "
+                  f"{flags} or drop --quick.", file=sys.stderr)
+            raise SystemExit(2)
         cfg = replace(cfg, **QUICK, out=a.out if a.out != d.out else "runs/control-quick")
     t0 = time.time()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as Ctrl-C does: workers stopped, finished runs kept
     try:
         root = run_all(cfg)
     except USER_ERRORS as e:  # our checks raise these with the field and the fix in the message
@@ -651,7 +693,15 @@ def main(argv=None):
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg} (set IWSFT_TRACEBACK=1 for the traceback)", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.time() - t0:.0f}s: finished runs are kept (each is saved only when done); "
+              f"the same command resumes.", file=sys.stderr)
+        raise SystemExit(130)
     print(f"done in {time.time() - t0:.0f}s; results in {root}")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

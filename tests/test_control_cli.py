@@ -192,3 +192,110 @@ def test_grid_refuses_an_environment_without_snapshots_before_building_anything(
     with pytest.raises(ValueError, match="empty entry"):
         ex.run_all(replace(cfg, dataset="medium,,expert"))
     assert not (tmp_path / "out").exists()
+
+
+def test_finished_run_on_other_data_with_the_same_summary_is_refused(tmp_path):
+    data = hopper_like()
+    swapped = hopper_like()
+    swapped.actions = -swapped.actions  # same name, episodes, steps and returns; other contents
+    assert {k: v for k, v in data.summary().items() if k != "content_sha256"} == \
+        {k: v for k, v in swapped.summary().items() if k != "content_sha256"}
+    cfg = ex.ExperimentConfig(algos=("bc",), seeds=1)
+    tcfg = ex.train_config(cfg, "bc", 0)
+    fake_run(tmp_path / "new", tcfg, data.summary())
+    changed = ex.settings_changed(tmp_path / "new", tcfg, swapped.summary())
+    assert list(changed) == ["dataset.content_sha256"]  # only the differing field, not the whole record
+    # a run saved before the hash was recorded is matched by its summary (as it was then)
+    legacy = {k: v for k, v in data.summary().items() if k != "content_sha256"}
+    fake_run(tmp_path / "legacy", tcfg, legacy)
+    assert ex.settings_changed(tmp_path / "legacy", tcfg, data.summary()) == {}
+    assert ex.settings_changed(tmp_path / "legacy", tcfg, {**data.summary(), "steps": 1}) == \
+        {"dataset.steps": (legacy["steps"], 1)}
+
+
+def test_intermediate_evaluation_size_does_not_matter_without_intermediate_evaluations(tmp_path):
+    data = hopper_like()
+    off5 = ex.train_config(ex.ExperimentConfig(eval_every=0, eval_episodes=5), "bc", 0)
+    fake_run(tmp_path / "r", off5, data.summary())
+    assert ex.settings_changed(tmp_path / "r", replace(off5, eval_episodes=7), data.summary()) == {}
+    on5 = ex.train_config(ex.ExperimentConfig(eval_every=100, eval_episodes=5), "bc", 0)
+    fake_run(tmp_path / "s", on5, data.summary())
+    assert ex.settings_changed(tmp_path / "s", replace(on5, eval_episodes=7), data.summary()) == \
+        {"eval_episodes": (5, 7)}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--quick", "--steps", "20"], "error: --quick sets --steps itself (steps=500); drop --steps or drop --quick."),
+    (["--algos", ","], "error: --algos is empty"),
+    (["--bc-steps", "0"], "error: --bc-steps 0: must be >= 1."),
+    (["--dataset-steps", "-100"], "error: --dataset-steps -100: must be >= 1."),
+    (["--filter-fraction", "nan"], "error: --filter-fraction nan: must be in (0, 1]"),
+    (["--filter-fraction", "inf"], "error: --filter-fraction inf: must be in (0, 1]"),
+    (["--eval-env", "Hopper-v3"], "error: --eval-env 'Hopper-v3' cannot be made here"),
+    (["--eval-env", "hopper"], "error: --eval-env 'hopper' cannot be made here"),
+])
+def test_bad_flags_are_refused_in_one_line_before_anything_is_built(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        ex.main([*args, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(SystemExit):
+        ex.main(["--out", str(tmp_path / "afile")])
+    assert "--out " in capsys.readouterr().err and (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_bc_only_table_does_not_describe_fine_tuning(tmp_path):
+    data = hopper_like()
+    (tmp_path / "dataset.json").write_text(json.dumps(data.summary()))
+    tcfg = ex.train_config(ex.ExperimentConfig(), "bc", 0)
+    fake_run(tmp_path / "bc" / "seed0", tcfg, data.summary())
+    res = json.loads((tmp_path / "bc" / "seed0" / "result.json").read_text())
+    res.update(curve=[{"step": 1, "loss": 1.0}], wall_time_s=1.0, final={"score_mean": 3.0, "episodes": 2})
+    (tmp_path / "bc" / "seed0" / "result.json").write_text(json.dumps(res))
+    header = next(x for x in ex.write_table(tmp_path).splitlines() if x.startswith("Evaluated in"))
+    assert "fine-tuning" not in header and "importance weights" not in header
+    assert header.endswith("BC sampled approximation (512 steps per batch).")
+
+
+def _children(pid):
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_stopping_a_worker_run_stops_its_workers_and_keeps_nothing_half_written(tmp_path):
+    import signal
+    import time
+    path = tmp_path / "hopper_tiny-v2.hdf5"
+    write_d4rl_hdf5(hopper_like(8), path)
+    p = subprocess.Popen([sys.executable, "-m", "control.experiments", "--d4rl-file", str(path), "--algos", "bc",
+                          "--seeds", "2", "--workers", "2", "--bc-steps", "1000000", "--out", str(tmp_path / "out")],
+                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    def workers():  # the pool's spawned processes
+        return [c for c in _children(p.pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+    deadline = time.time() + 120
+    while time.time() < deadline and len(workers()) < 2:
+        time.sleep(0.5)
+    started = workers()
+    assert len(started) == 2, "the worker processes did not start"
+    time.sleep(3)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    time.sleep(1)
+    assert not [w for w in started if Path(f"/proc/{w}").exists()], "workers outlived the stopped run"
+    assert not list((tmp_path / "out").glob("*/bc/seed*/result.json"))

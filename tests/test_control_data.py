@@ -124,7 +124,8 @@ def test_nan_in_observations(tmp_path):
         f["observations"][e.offsets[2] + 1, 4] = np.nan
     with pytest.raises(ValueError, match="'observations' has NaN"):
         load_d4rl_hdf5(path)
-    kept = load_d4rl_hdf5(path, drop_nonfinite=True)
+    with pytest.warns(UserWarning, match="dropped 1 of 6 episodes"):
+        kept = load_d4rl_hdf5(path, drop_nonfinite=True)
     assert kept.num_episodes == e.num_episodes - 1
 
 
@@ -217,7 +218,8 @@ def test_nan_observation_is_located_in_its_real_episode(tmp_path):
     with pytest.raises(ValueError, match=r"field 'observations' has NaN/inf values at 1 steps \(first: episode 2, "
                                          r"step 23\)"):
         load_d4rl_hdf5(path)
-    kept = load_d4rl_hdf5(path, drop_nonfinite=True)
+    with pytest.warns(UserWarning, match=r"dropped 1 of 4 episodes \(50 steps\)"):
+        kept = load_d4rl_hdf5(path, drop_nonfinite=True)
     np.testing.assert_array_equal(kept.offsets, [0, 50, 100, 150])  # episodes 0, 1, 3 whole
     np.testing.assert_array_equal(kept.observations[100:150], obs[150:200])
     assert kept.splits == {"discontinuity": 0, "time_limit": 0}
@@ -262,3 +264,243 @@ def test_eval_env_override_on_minari_keeps_or_names_what_it_drops(tmp_path, monk
     assert other.eval_env == "Hopper-v4" and "healthy_reward" in other.summary()["eval_warning"]
     with pytest.raises(ValueError, match="not an environment of 'hopper'"):
         load_minari("iwsft-test/hopper/kw-v0", eval_env="Walker2d-v4")
+
+
+# ---- dataset ids, the build CLI and its refusals (issue: new-user review of control.data)
+def test_dataset_ids_name_the_exact_size():
+    from control.data import dataset_id
+    assert dataset_id("hopper", "medium", 5400) == "iwsft/hopper/medium-5400-v0"
+    assert dataset_id("hopper", "medium", 5000) == "iwsft/hopper/medium-5k-v0"  # multiples of 1000 keep their ids
+    assert dataset_id("hopper", "medium-replay", 3000) == "iwsft/hopper/medium-replay-3k-v0"
+    assert dataset_id("hopper", "medium-replay", 200_000) == "iwsft/hopper/medium-replay-v0"  # the default size
+    assert dataset_id("Walker2d-v5", "expert", 200_001, seed=2) == "iwsft/walker2d/expert-200001-seed2-v0"
+    assert dataset_id("hopper", "medium", 999) == "iwsft/hopper/medium-999-v0"  # was "-0k"
+
+
+def test_build_refuses_sizes_below_one_and_negative_seeds(tmp_path, monkeypatch):
+    from control.data import build, build_episodes
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    for steps in (0, -5):
+        with pytest.raises(ValueError, match=rf"dataset size steps={steps}: a dataset needs at least 1 environment "
+                                             r"step \(CLI: --steps / --dataset-steps"):
+            build_episodes("hopper", "medium", steps)
+        with pytest.raises(ValueError, match=rf"steps={steps}"):
+            build("hopper", "medium", steps)
+    with pytest.raises(ValueError, match=r"dataset seed=-1: the rollout seed must be an integer >= 0"):
+        build("hopper", "medium", 1000, seed=-1)
+    assert not (tmp_path / "minari").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--env", "ant"], "error: --env 'ant': unknown environment 'ant': expected one of ['halfcheetah', 'hopper', "
+                       "'walker2d']"),
+    (["--assets", "{empty}"], "error: --assets {empty}: no behaviour-policy snapshots (snap_*.npz) in {empty}/hopper."),
+    (["--kind", "medium", "--steps", "0"], "error: --steps 0: a dataset needs at least 1 environment step"),
+    (["--kind", "medium", "--steps", "-5"], "error: --steps -5: a dataset needs at least 1 environment step"),
+    (["--seed", "-1"], "error: --seed -1: the rollout seed must be >= 0"),
+])
+def test_data_cli_user_errors_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, expected):
+    from control import data
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.delenv("IWSFT_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        data.main(["build"] + [a.replace("{empty}", str(empty)) for a in args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected.replace("{empty}", str(empty))), err
+    assert err.count("\n") == 1 and err.rstrip().endswith("(set IWSFT_TRACEBACK=1 for the traceback)")
+    assert not (tmp_path / "minari").exists()
+    monkeypatch.setenv("IWSFT_TRACEBACK", "1")  # the traceback on request
+    with pytest.raises((ValueError, FileNotFoundError)):
+        data.main(["build"] + [a.replace("{empty}", str(empty)) for a in args])
+
+
+def test_data_cli_help_and_empty_list(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from control import data
+    build_parser = next(a for a in data.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    b = build_parser.choices["build"]
+    for action in b._actions:
+        assert action.help, f"{action.option_strings} has no help line"
+    text = " ".join(b.format_help().split())
+    assert "--env ENV environment to roll out in" in text and "(default: hopper)" in text
+    assert "--seed SEED rollout seed (>= 0)" in text and "(default: 0)" in text
+    assert "--allow-unfinished-agent" in text
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
+    data.main(["list"])  # returns: exit status 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"no Minari datasets in {tmp_path / 'store'} ") and "control.data build" in out
+
+
+def _snap(folder, steps, obs_dim=17, act_dim=6):
+    """A snapshot written by hand: one linear layer of zeros (mean action 0), std e^-1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / f"snap_{steps:08d}.npz", w0=np.zeros((act_dim, obs_dim), np.float32),
+             b0=np.zeros(act_dim, np.float32), log_std=np.full(act_dim, -1.0, np.float32), steps=np.int64(steps),
+             train_return=np.float64(0.0))
+
+
+def test_snapshots_of_an_unfinished_agent_are_refused_unless_allowed(tmp_path, monkeypatch, capsys):
+    import json
+
+    import minari
+
+    from control import data
+    from control.agent import check_agent_finished
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    assets = tmp_path / "assets"
+    _snap(assets / "walker2d", 51200)
+    _snap(assets / "walker2d", 102400)  # stopped at 102,400 of walker2d's 1M steps, no agent.json
+    expected = (rf"{assets}/walker2d: the behaviour agent's training is unfinished: its last snapshot "
+                r"\(snap_00102400.npz\) is at 102,400 of 1,000,000 steps \(no agent.json recording a finished run\)"
+                rf".*`python -m control.agent --env walker2d --assets {assets}` \(resumable\), or pass "
+                r"--allow-unfinished-agent")
+    with pytest.raises(ValueError, match=expected):
+        data.build_episodes("walker2d", "expert", 10, assets=assets)
+    with pytest.raises(SystemExit) as e:
+        data.main(["build", "--env", "walker2d", "--kind", "expert", "--steps", "10", "--assets", str(assets)])
+    assert e.value.code == 2 and "102,400 of 1,000,000 steps" in capsys.readouterr().err
+    assert minari.list_local_datasets() == {}  # refused before anything was rolled out or written
+    # a record saying unfinished (an interrupted run): the steps it asked for
+    (assets / "walker2d" / "agent.json").write_text(json.dumps({"finished": False, "total_steps": 300000}))
+    with pytest.raises(ValueError, match=r"at 102,400 of 300,000 steps \(agent.json says unfinished\)"):
+        check_agent_finished("walker2d", assets)
+    # a finished record whose final snapshot is not the last one here: snapshots changed after it finished
+    (assets / "walker2d" / "agent.json").write_text(json.dumps({"finished": True,
+                                                                "final_snapshot": "snap_00051200.npz"}))
+    with pytest.raises(ValueError, match=r"records a finished run ending at 'snap_00051200.npz', but the last "
+                                         r"snapshot here is snap_00102400.npz \(102,400 steps\)"):
+        check_agent_finished("walker2d", assets)
+    # the explicit opt-in builds, and the dataset says where it came from
+    data.main(["build", "--env", "walker2d", "--kind", "expert", "--steps", "10", "--assets", str(assets),
+               "--allow-unfinished-agent"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "iwsft/walker2d/expert-10-v0"
+    desc = minari.load_dataset("iwsft/walker2d/expert-10-v0").storage.metadata["description"]
+    assert "UNFINISHED agent (last snapshot at 102400 steps)" in desc
+
+
+def test_shipped_hopper_agent_is_recorded_as_finished():
+    """control/assets/hopper/agent.json agrees with the README (SB3 PPO defaults, 300k steps, seed 0, a snapshot
+    every 10,240 steps) and with the snapshot files themselves."""
+    from control.agent import ASSETS, check_agent_finished, list_snapshots
+    rec = check_agent_finished("hopper")
+    assert (rec["env"], rec["total_steps"], rec["seed"], rec["snapshot_every"]) == ("hopper", 300000, 0, 10240)
+    assert rec["hyperparams_source"].startswith("SB3 PPO defaults") and rec["finished"] is True
+    names = [p.name for p in list_snapshots("hopper")]
+    # 29 snapshots at multiples of 10,240, then the last rollout boundary past 300,000 (147 rollouts of 2,048 steps)
+    assert names == [f"snap_{10240 * k:08d}.npz" for k in range(1, 30)] + ["snap_00301056.npz"]
+    assert rec["final_snapshot"] == "snap_00301056.npz" and rec["steps_done"] == 147 * 2048 == 301056
+    assert rec["snapshots"] == len(names) == 30
+    for p in list_snapshots("hopper"):
+        with np.load(p) as z:
+            assert f"snap_{int(z['steps']):08d}.npz" == p.name  # the steps stored inside match the name
+    assert (ASSETS / "hopper" / "agent.json").exists()
+
+
+def test_train_agent_records_unfinished_then_finished(tmp_path, monkeypatch):
+    """A tiny PPO run (64-step rollouts, 128 steps) interrupted at its last snapshot leaves "finished": false; the
+    resumed run finishes and records it."""
+    import json
+
+    import control.agent as agent
+    monkeypatch.setitem(agent.HYPERPARAMS, "hopper", dict(
+        total_steps=128, snapshot_every=64, normalize=False, half=False, source="test settings",
+        ppo=dict(n_steps=64, batch_size=32, n_epochs=1)))
+    cfg = agent.AgentConfig(env="hopper", workdir=str(tmp_path / "work"), assets=str(tmp_path / "assets"))
+    real = agent._save_snapshot
+
+    def stop_at_128(model, steps, *a, **k):
+        if steps == 128:
+            raise KeyboardInterrupt  # as if the user stopped the run before its final snapshot
+        return real(model, steps, *a, **k)
+
+    monkeypatch.setattr(agent, "_save_snapshot", stop_at_128)
+    with pytest.raises(KeyboardInterrupt):
+        agent.train_agent(cfg)
+    rec = json.loads((tmp_path / "assets" / "hopper" / "agent.json").read_text())
+    assert rec["finished"] is False and rec["total_steps"] == 128
+    with pytest.raises(ValueError, match=r"\(snap_00000064.npz\) is at 64 of 128 steps \(agent.json says unfinished\)"):
+        agent.check_agent_finished("hopper", tmp_path / "assets")
+    monkeypatch.setattr(agent, "_save_snapshot", real)
+    snaps = agent.train_agent(cfg)  # resumes from the 64-step checkpoint
+    assert [p.name for p in snaps] == ["snap_00000064.npz", "snap_00000128.npz"]
+    rec = agent.check_agent_finished("hopper", tmp_path / "assets")
+    assert rec["finished"] is True and rec["steps_done"] == 128 and rec["final_snapshot"] == "snap_00000128.npz"
+    assert (rec["env"], rec["seed"], rec["hyperparams_source"], rec["snapshots"]) == ("hopper", 0, "test settings", 2)
+    assert rec["versions"]["stable-baselines3"]
+
+
+# ---- D4RL loader: bad files, dropped episodes, actions outside the action space
+def test_d4rl_file_with_zero_steps(tmp_path):
+    path = tmp_path / "hopper_empty-v2.hdf5"
+    with h5py.File(path, "w") as f:
+        f["observations"], f["actions"] = np.zeros((0, 11)), np.zeros((0, 3))
+        f["rewards"], f["terminals"], f["timeouts"] = np.zeros(0), np.zeros(0, bool), np.zeros(0, bool)
+    with pytest.raises(ValueError, match=r"hopper_empty-v2.hdf5: the file holds 0 steps"):
+        load_d4rl_hdf5(path)
+
+
+def test_d4rl_path_that_is_not_hdf5(tmp_path):
+    path = tmp_path / "hopper_medium-v2.hdf5"
+    path.write_text("<html>404 Not Found</html>")  # e.g. a failed download saved under the file's name
+    with pytest.raises(ValueError, match=r"hopper_medium-v2.hdf5: not an HDF5 file \(no HDF5 signature; 26 bytes"):
+        load_d4rl_hdf5(path)
+    with pytest.raises(FileNotFoundError, match="nope.hdf5 does not exist"):
+        load_d4rl_hdf5(tmp_path / "nope.hdf5")
+
+
+def test_d4rl_file_without_any_dataset_lists_every_missing_field(tmp_path):
+    path = tmp_path / "hopper_x.hdf5"
+    with h5py.File(path, "w") as f:
+        f.attrs["env_name"] = "hopper"
+    with pytest.raises(ValueError) as e:
+        load_d4rl_hdf5(path)
+    msg = str(e.value)
+    assert "missing D4RL field(s) ['observations', 'actions', 'rewards', 'terminals', 'timeouts']" in msg
+    assert "this one has []" in msg
+
+
+def test_drop_nonfinite_says_how_many_episodes_it_dropped(tmp_path):
+    path = tmp_path / "hopper_nan.hdf5"
+    _continuous_file(path)  # 4 episodes of 50 steps
+    with h5py.File(path, "r+") as f:
+        f["rewards"][60] = np.inf  # episode 1
+        f["actions"][170, 0] = np.nan  # episode 3
+    with pytest.warns(UserWarning, match=r"--drop-nonfinite dropped 2 of 4 episodes \(100 steps\) with NaN/inf "
+                                         r"values; 2 episodes remain"):
+        kept = load_d4rl_hdf5(path, drop_nonfinite=True)
+    assert kept.num_episodes == 2
+    with h5py.File(path, "r+") as f:
+        f["observations"][[10, 120], 0] = np.nan  # episodes 0 and 2 too: nothing is left
+    with pytest.raises(ValueError, match=r"all 4 episodes had NaN/inf values"):
+        load_d4rl_hdf5(path, drop_nonfinite=True)
+
+
+def test_actions_outside_the_action_space_are_warned_about(tmp_path, monkeypatch):
+    import warnings
+    path = tmp_path / "hopper_act.hdf5"
+    _continuous_file(path, n_ep=2, T=4)  # 8 steps, actions all 0
+    with h5py.File(path, "r+") as f:
+        f["actions"][1] = [1.5, 0.0, 0.0]
+        f["actions"][2] = [0.0, -2.0, 0.3]
+        f["actions"][6] = [1.2, 1.1, 0.0]
+        f["actions"][7] = [1.0, -1.0, 0.0]  # the edges themselves are inside
+    with pytest.warns(UserWarning, match=r"3 of 8 steps have actions outside the action space \[-1, 1\] "
+                                         r"\(range seen: \[-2, 1.5\]\).*tanh mean cannot reach them"):
+        load_d4rl_hdf5(path)
+    with h5py.File(path, "r+") as f:
+        f["actions"][:] = np.clip(f["actions"][()], -1.0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in range: silent
+        load_d4rl_hdf5(path)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))  # the Minari loader checks too
+    e = hopper_like(5)
+    act = e.actions.copy()
+    act[0, 2] = -3.0
+    save_minari(Episodes(e.observations, act, e.rewards, e.offsets, e.terminated, "hopper"), "iwsft-test/hopper/a-v0",
+                np.zeros((e.num_episodes, 11)))
+    with pytest.warns(UserWarning, match=rf"1 of {e.num_steps} steps have actions outside"):
+        load_minari("iwsft-test/hopper/a-v0")
