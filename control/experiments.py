@@ -318,10 +318,10 @@ def run_all(cfg: ExperimentConfig) -> Path:
             get_env(c.env)
         if c.dataset in KINDS and not c.d4rl_file:
             import minari
-            from control.agent import list_snapshots
+            from control.agent import check_agent_finished
             from control.data import dataset_id
             if dataset_id(c.env or "hopper", c.dataset, c.dataset_steps) not in minari.list_local_datasets():
-                list_snapshots(c.env or "hopper")
+                check_agent_finished(c.env or "hopper")  # snapshots of a finished agent (control.data build --help)
     torch.set_num_threads(1)
     prepared = [(c, *prepare(c)) for c in cfgs]  # every dataset built and checked before any training
     jobs = sum(c.seeds * (1 + len([a for a in c.algos if a != "bc"])) for c in cfgs)

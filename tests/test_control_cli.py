@@ -174,14 +174,14 @@ def test_table_prints_corl_context_only_where_published(tmp_path):
 
 def test_grid_refuses_an_environment_without_snapshots_before_building_anything(tmp_path, monkeypatch):
     import control.agent
-    real = control.agent.list_snapshots
+    real = control.agent.check_agent_finished
 
-    def snapshots(env, *a, **k):
+    def finished(env, *a, **k):
         if env == "walker2d":  # as on a fresh clone before its agent is trained
             raise FileNotFoundError("no behaviour-policy snapshots in control/assets/walker2d: train them")
         return real(env, *a, **k)
 
-    monkeypatch.setattr(control.agent, "list_snapshots", snapshots)
+    monkeypatch.setattr(control.agent, "check_agent_finished", finished)
     monkeypatch.setattr(ex, "build", lambda *a, **k: pytest.fail("a dataset was built before the refusal"))
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     cfg = ex.ExperimentConfig(env="hopper,walker2d", dataset="medium,medium-replay", out=str(tmp_path / "out"))
