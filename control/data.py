@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import numpy as np
 
 from control.agent import ASSETS, SnapshotPolicy, check_agent_finished, list_snapshots
-from control.envs import get_env
+from control.envs import USER_ERRORS, exit_on_user_error, get_env
 from control.episodes import Episodes, save_minari
 
 KINDS = ("medium", "medium-replay", "expert", "medium-expert")
@@ -148,7 +146,6 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """The module docstring as written, and every option's default."""
 
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError)  # bad input / settings: one line, no traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,12 +203,8 @@ def main(argv=None):
                       f"elsewhere; build one with `python -m control.data build`)")
             for k in local:
                 print(k)
-    except USER_ERRORS as e:  # our checks raise these with the flag and the fix in the message
-        if os.environ.get("IWSFT_TRACEBACK"):
-            raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg} (set IWSFT_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        raise SystemExit(2)
+    except USER_ERRORS as e:
+        exit_on_user_error(e)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ for a D4RL file the gymnasium version matching the file's MuJoCo version (`eval_
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -138,3 +140,16 @@ def normalized_score(env: str | EnvSpec, episode_return):
     """D4RL normalised score: 100 * (return - random) / (expert - random). Works on floats and numpy arrays."""
     spec = env if isinstance(env, EnvSpec) else get_env(env)
     return 100.0 * (episode_return - spec.ref_min) / (spec.ref_max - spec.ref_min)
+
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError)  # bad input / settings: one line, no traceback
+
+
+def exit_on_user_error(e: BaseException):
+    """The command-line scripts' answer to bad input: one `error: ...` line on stderr (our checks put the field and
+    the fix in the message) and exit status 2; with IWSFT_TRACEBACK=1 the exception propagates with its traceback."""
+    if os.environ.get("IWSFT_TRACEBACK"):
+        raise e
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"error: {msg} (set IWSFT_TRACEBACK=1 for the traceback)", file=sys.stderr)
+    raise SystemExit(2)

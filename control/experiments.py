@@ -21,7 +21,6 @@ import csv
 import datetime
 import json
 import math
-import os
 import re
 import shutil
 import signal
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 from control.data import DEFAULT_STEPS, KINDS, build
 from control.episodes import Episodes, load_d4rl_hdf5, load_minari
 from control.published import ALGOS as CORL_ALGOS, CORL_LAST, SOURCE as CORL_SOURCE, corl_context, dataset_kind
-from control.envs import check_eval_env, check_shapes, get_env, versions
+from control.envs import USER_ERRORS, check_eval_env, check_shapes, exit_on_user_error, get_env, versions
 from control.train import ALGOS, REDUCTIONS, TrainConfig, policy_from_state, state_hash, train
 
 
@@ -614,7 +613,6 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """The module docstring as written, and every option's default."""
 
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError)  # bad input / settings: one line, no traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -687,12 +685,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as Ctrl-C does: workers stopped, finished runs kept
     try:
         root = run_all(cfg)
-    except USER_ERRORS as e:  # our checks raise these with the field and the fix in the message
-        if os.environ.get("IWSFT_TRACEBACK"):
-            raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg} (set IWSFT_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        raise SystemExit(2)
+    except USER_ERRORS as e:
+        exit_on_user_error(e)
     except KeyboardInterrupt:
         print(f"interrupted after {time.time() - t0:.0f}s: finished runs are kept (each is saved only when done); "
               f"the same command resumes.", file=sys.stderr)
