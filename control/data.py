@@ -121,13 +121,13 @@ def build(env: str, kind: str, steps: int = DEFAULT_STEPS, seed: int = 0, force:
 
     _check_request(kind, steps, seed)
     did = dataset_id(env, kind, steps, seed)
-    if did in minari.list_local_datasets():
-        if not force:
-            return did
-        minari.delete_dataset(did)
+    if did in minari.list_local_datasets() and not force:
+        return did
     t0 = time.time()
     eps, final = build_episodes(env, kind, steps, seed, assets, allow_unfinished_agent)
     t_roll = time.time() - t0
+    if did in minari.list_local_datasets():  # --force: the old one goes only once the new one is built
+        minari.delete_dataset(did)
     n_snaps = len(list_snapshots(env, assets))
     try:
         rec = check_agent_finished(env, assets)

@@ -228,6 +228,7 @@ def expand_grid(cfg: ExperimentConfig) -> list[ExperimentConfig]:
     its own environment (Minari id or folder, D4RL file) or an empty entry."""
     envs = [e.strip() for e in (cfg.env or "").split(",")] if cfg.env else [None]
     datasets = [d.strip() for d in cfg.dataset.split(",")]
+    envs, datasets = list(dict.fromkeys(envs)), list(dict.fromkeys(datasets))  # a repeated name runs once
     if any(e == "" for e in envs) or any(d == "" for d in datasets):
         raise ValueError(f"--env {cfg.env!r} / --dataset {cfg.dataset!r}: empty entry in a comma-separated list.")
     if len(envs) * len(datasets) == 1:
@@ -310,7 +311,11 @@ def run_all(cfg: ExperimentConfig) -> Path:
     if cfg.eval_env:
         check_eval_env(cfg.eval_env)
     for algo in ("bc", *cfg.algos):  # check algorithm names and budgets before the (possibly long) dataset build
-        train_config(cfg, algo, 0)
+        try:
+            train_config(cfg, algo, 0)
+        except ValueError as e:  # name the flag, not the trainer's field (TrainConfig.eval_every=-1 -> --eval-every -1)
+            raise ValueError(re.sub(r"TrainConfig\.(\w+)=", lambda m: "--" + m.group(1).replace("_", "-") + " ",
+                                    str(e))) from None
     cfgs = expand_grid(cfg)
     for c in cfgs:  # an unknown environment, or one without behaviour snapshots, is refused before any build
         if c.env is not None:

@@ -299,3 +299,18 @@ def test_stopping_a_worker_run_stops_its_workers_and_keeps_nothing_half_written(
     time.sleep(1)
     assert not [w for w in started if Path(f"/proc/{w}").exists()], "workers outlived the stopped run"
     assert not list((tmp_path / "out").glob("*/bc/seed*/result.json"))
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--eval-every", "-1", "error: --eval-every -1 must be >= 0"), ("--batch-size", "0", "error: --batch-size 0 must be >= 1"),
+    ("--final-eval-episodes", "0", "error: --final-eval-episodes 0 must be >= 1"),
+    ("--refresh-every", "0", "error: --refresh-every 0 must be >= 1")])
+def test_trainer_settings_are_refused_by_their_flag_name(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit):
+        ex.main([flag, value, "--out", str(tmp_path / "out")])
+    assert capsys.readouterr().err.startswith(message)
+
+
+def test_a_repeated_grid_entry_runs_once():
+    cfgs = ex.expand_grid(ex.ExperimentConfig(env="hopper,hopper", dataset="medium, medium,expert"))
+    assert [(c.env, c.dataset) for c in cfgs] == [("hopper", "medium"), ("hopper", "expert")]

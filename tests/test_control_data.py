@@ -504,3 +504,19 @@ def test_actions_outside_the_action_space_are_warned_about(tmp_path, monkeypatch
                 np.zeros((e.num_episodes, 11)))
     with pytest.warns(UserWarning, match=rf"1 of {e.num_steps} steps have actions outside"):
         load_minari("iwsft-test/hopper/a-v0")
+
+
+def test_a_refused_forced_rebuild_keeps_the_old_dataset(tmp_path, monkeypatch):
+    import minari
+
+    import control.data as data
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    did = data.build("hopper", "expert", 1000)
+
+    def refuse(*a, **k):
+        raise ValueError("snapshots of an unfinished agent")
+
+    monkeypatch.setattr(data, "build_episodes", refuse)
+    with pytest.raises(ValueError, match="unfinished"):
+        data.build("hopper", "expert", 1000, force=True)
+    assert did in minari.list_local_datasets()  # deleted only once a new one is built
