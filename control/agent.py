@@ -40,7 +40,7 @@ HYPERPARAMS = {
                    source="SB3 PPO defaults"),
     "walker2d": dict(
         source="rl-zoo3 2.9.2 hyperparams/ppo.yml (Walker2d-v4)",
-        total_steps=1_000_000, snapshot_every=51_200, normalize=True, half=False,
+        total_steps=1_600_000, snapshot_every=51_200, normalize=True, half=False,  # 1M stopped at ~33 (below medium)
         ppo=dict(batch_size=32, n_steps=512, gamma=0.99, learning_rate=5.05041e-05, ent_coef=0.000585045,
                  clip_range=0.1, n_epochs=20, gae_lambda=0.95, max_grad_norm=1.0, vf_coef=0.871923)),
     "halfcheetah": dict(

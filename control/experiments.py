@@ -526,6 +526,7 @@ def write_grid_table(out: Path, roots: list[Path]) -> str:
     vers = versions()
     lines = [f"Generated {datetime.date.today().isoformat()} with " + ", ".join(f"{k} {v}" for k, v in vers.items())
              + f". Per-dataset details (settings, protocol, weights, plots): <dataset>/table.md.", "",
+             *budget_lines(roots, algos), "",
              "Final D4RL-normalised score, mean ± std over seeds (seeds); last column: iw-SFT − filtered BC paired by "
              "seed, mean [95% interval].", "",
              "| dataset | " + " | ".join(algos) + " | iwsft − filtered_bc |",
@@ -538,6 +539,32 @@ def write_grid_table(out: Path, roots: list[Path]) -> str:
     text = "\n".join(lines) + "\n"
     (out / "grid.md").write_text(text)
     return text
+
+
+def budget_lines(roots: list[Path], algos) -> list[str]:
+    """The budget the grid ran at, next to the authors' (BC 10k steps, fine-tuning 2k steps on batches of 256 whole
+    episodes, D4RL datasets of 0.2-2M steps, 100 final evaluation episodes), and the summed run time (CPU-hours
+    when each run had one core)."""
+    runs = [r for root in roots for rs in load_results(root, algos).values() for r in rs]
+    if not runs:
+        return []
+    bc = next((r["config"] for r in runs if r["config"]["algo"] == "bc"), None)
+    ft = next((r["config"] for r in runs if r["config"]["algo"] != "bc"), None)
+    sizes = [json.loads((root / "dataset.json").read_text())["steps"] for root in roots]
+    parts = [f"datasets of {min(sizes):,}-{max(sizes):,} steps"]
+    if bc:
+        parts.append(f"BC {bc['steps']:,} steps" + (f" on {bc['full_episodes']} whole episodes per batch"
+                                                    if bc["full_episodes"] else f" on {bc['batch_size']} sampled steps per batch"))
+    if ft:
+        parts.append(f"fine-tuning {ft['steps']:,} steps" + (
+            f" on {ft['full_episodes']} whole episodes per batch (exact), weights refreshed every "
+            f"{ft['refresh_every']} step(s)" if ft["full_episodes"] else
+            f" on {ft['batch_size']} sampled steps per batch (sampled approximation)"))
+    parts.append(f"final evaluation {runs[0]['final']['episodes']} episodes")
+    hours = sum(r["wall_time_s"] for r in runs) / 3600
+    return [f"Budget: {'; '.join(parts)}. The authors': D4RL datasets of 0.2-2M steps; BC 10,000 steps; fine-tuning "
+            f"2,000 steps on 256 whole episodes per batch; 100 evaluation episodes. {len(runs)} runs, "
+            f"{hours:.2f} h of run time summed over runs (one core each)."]
 
 
 STYLES = {"bc": ("C0", "-"), "filtered_bc": ("C1", "--"), "sft_q": ("C4", "-."), "iwsft": ("C2", "-"),
@@ -614,10 +641,18 @@ QUICK = dict(dataset="medium-replay", dataset_steps=50_000, algos=("bc", "filter
              bc_steps=2000, steps=500, eval_every=125, final_eval_episodes=10, full_episodes=0)
 
 
+# the locomotion grid at a named, reduced budget that fits ~90 min on 2 cores (docs/control.md, "What the full
+# locomotion grid costs on CPU"): the authors' estimator (exact whole-episode batches, weights refreshed every step)
+# but 50k-step datasets, 3k BC steps and 400 fine-tuning steps (authors: 0.2-2M-step D4RL datasets, 10k and 2k);
+# its grid.md prints these settings next to the table. --seeds, --workers and --out may still be given.
+CPU_GRID = dict(env="hopper,walker2d,halfcheetah", dataset="medium,medium-replay,medium-expert", dataset_steps=50_000,
+                algos=ALGOS, bc_steps=3000, steps=400, full_episodes=256, refresh_every=1, eval_every=100,
+                eval_episodes=5, final_eval_episodes=30)
+PRESETS = {"--quick": (QUICK, "runs/control-quick"), "--cpu-grid": (CPU_GRID, "runs/control-grid-cpu")}
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, and every option's default."""
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -665,6 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=d.out, help="output root (<out>/<dataset>/<algo>/seed<k>/)")
     p.add_argument("--drop-nonfinite", action="store_true", help="drop episodes with NaN/inf instead of failing")
     p.add_argument("--quick", action="store_true", help="small end-to-end demo: " + json.dumps(QUICK))
+    p.add_argument("--cpu-grid", action="store_true",
+                   help="the 3 environments x 3 datasets x 5 algorithms grid at a reduced budget named in its "
+                        "grid.md (~90 min with --workers 2; out runs/control-grid-cpu): "
+                        + json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in CPU_GRID.items()}))
     return p
 
 
@@ -678,14 +717,21 @@ def main(argv=None):
         bc_full_episodes=a.bc_full_episodes, refresh_every=a.refresh_every, filter_fraction=a.filter_fraction, eval_every=a.eval_every,
         eval_episodes=a.eval_episodes, final_eval_episodes=a.final_eval_episodes, eval_env=a.eval_env, out=a.out,
         drop_nonfinite=a.drop_nonfinite, workers=a.workers)
-    if a.quick:  # the demo's own settings: a flag that would change one is refused, not silently overridden
-        given = {k: getattr(cfg, k) for k in QUICK if getattr(cfg, k) != getattr(d, k)}
+    chosen = [flag for flag in PRESETS if getattr(a, flag[2:].replace("-", "_"))]
+    if len(chosen) > 1:
+        print(f"error: {' and '.join(chosen)} are two presets; pick one.", file=sys.stderr)
+        raise SystemExit(2)
+    if chosen:  # a preset's own settings: a flag that would change one is refused, not silently overridden
+        flag = chosen[0]
+        preset, out = PRESETS[flag]
+        given = {k: getattr(cfg, k) for k in preset if getattr(cfg, k) != getattr(d, k)}
         if given:
             flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
-            print(f"error: --quick sets {flags} itself ({', '.join(f'{k}={QUICK[k]}' for k in given)}); drop "
-                  f"{flags} or drop --quick.", file=sys.stderr)
+            shown = ", ".join(f"{k}={','.join(preset[k]) if isinstance(preset[k], tuple) else preset[k]}"
+                              for k in given)
+            print(f"error: {flag} sets {flags} itself ({shown}); drop {flags} or drop {flag}.", file=sys.stderr)
             raise SystemExit(2)
-        cfg = replace(cfg, **QUICK, out=a.out if a.out != d.out else "runs/control-quick")
+        cfg = replace(cfg, **preset, out=a.out if a.out != d.out else out)
     t0 = time.time()
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as Ctrl-C does: workers stopped, finished runs kept
     try:

@@ -226,6 +226,11 @@ def test_intermediate_evaluation_size_does_not_matter_without_intermediate_evalu
 
 @pytest.mark.parametrize("args,message", [
     (["--quick", "--steps", "20"], "error: --quick sets --steps itself (steps=500); drop --steps or drop --quick."),
+    (["--cpu-grid", "--steps", "20", "--bc-steps", "5"],
+     "error: --cpu-grid sets --bc-steps, --steps itself (bc_steps=3000, steps=400); drop --bc-steps, --steps or "
+     "drop --cpu-grid."),
+    (["--cpu-grid", "--env", "hopper"], "error: --cpu-grid sets --env itself (env=hopper,walker2d,halfcheetah)"),
+    (["--cpu-grid", "--quick"], "error: --quick and --cpu-grid are two presets; pick one."),
     (["--algos", ","], "error: --algos is empty"),
     (["--bc-steps", "0"], "error: --bc-steps 0: must be >= 1."),
     (["--dataset-steps", "-100"], "error: --dataset-steps -100: must be >= 1."),

@@ -355,14 +355,14 @@ def test_snapshots_of_an_unfinished_agent_are_refused_unless_allowed(tmp_path, m
     _snap(assets / "walker2d", 51200)
     _snap(assets / "walker2d", 102400)  # stopped at 102,400 of walker2d's 1M steps, no agent.json
     expected = (rf"{assets}/walker2d: the behaviour agent's training is unfinished: its last snapshot "
-                r"\(snap_00102400.npz\) is at 102,400 of 1,000,000 steps \(no agent.json recording a finished run\)"
+                r"\(snap_00102400.npz\) is at 102,400 of 1,600,000 steps \(no agent.json recording a finished run\)"
                 rf".*`python -m control.agent --env walker2d --assets {assets}` \(resumable\), or pass "
                 r"--allow-unfinished-agent")
     with pytest.raises(ValueError, match=expected):
         data.build_episodes("walker2d", "expert", 10, assets=assets)
     with pytest.raises(SystemExit) as e:
         data.main(["build", "--env", "walker2d", "--kind", "expert", "--steps", "10", "--assets", str(assets)])
-    assert e.value.code == 2 and "102,400 of 1,000,000 steps" in capsys.readouterr().err
+    assert e.value.code == 2 and "102,400 of 1,600,000 steps" in capsys.readouterr().err
     assert minari.list_local_datasets() == {}  # refused before anything was rolled out or written
     # a record saying unfinished (an interrupted run): the steps it asked for
     (assets / "walker2d" / "agent.json").write_text(json.dumps({"finished": False, "total_steps": 300000}))
