@@ -5,7 +5,10 @@ so); Walker2d and HalfCheetah use rl-zoo3's tuned PPO settings for ``Walker2d-v4
 (rl_zoo3 2.9.2, hyperparams/ppo.yml), including their observation normalisation (``VecNormalize``), whose running
 mean/variance at each snapshot are stored in the snapshot. PPO rather than rl-zoo3's SAC/TD3: on one CPU core SB3's
 SAC runs ~40 environment steps/s (one 256x256 gradient step per environment step), so reaching D4RL's "medium" level
-would take hours; tuned PPO runs ~300-500 steps/s and gets there within ~30 min.
+would take hours; tuned PPO runs ~300-500 steps/s here. Measured to D4RL's "medium" level on one core (2026-11-30):
+HalfCheetah 1M steps ~45 CPU-min; Walker2d was trained to 1.6M steps (~80 CPU-min) and its shipped run stops early
+at 1,228,800 steps, the snapshot that evaluated best (PPO's score oscillated and ended at normalised 37.5, below
+"medium"; agent.json records the evaluations), as D4RL's medium policies were early-stopped.
 
 Training is resumable (the SB3 checkpoint and normaliser are kept under --workdir); the snapshots go to
 control/assets/<env>/ and are all that `control.data` needs to rebuild the datasets on a fresh machine. Next to them
@@ -40,7 +43,7 @@ HYPERPARAMS = {
                    source="SB3 PPO defaults"),
     "walker2d": dict(
         source="rl-zoo3 2.9.2 hyperparams/ppo.yml (Walker2d-v4)",
-        total_steps=1_600_000, snapshot_every=51_200, normalize=True, half=False,  # 1M stopped at ~33 (below medium)
+        total_steps=1_228_800, snapshot_every=51_200, normalize=True, half=False,  # stopped early: agent.json
         ppo=dict(batch_size=32, n_steps=512, gamma=0.99, learning_rate=5.05041e-05, ent_coef=0.000585045,
                  clip_range=0.1, n_epochs=20, gae_lambda=0.95, max_grad_norm=1.0, vf_coef=0.871923)),
     "halfcheetah": dict(

@@ -6,6 +6,7 @@
     python -m control.experiments --quick                                     # small end-to-end demo (minutes)
     python -m control.experiments --env hopper,walker2d,halfcheetah --dataset medium,medium-replay,medium-expert \\
         --algos bc,filtered_bc,sft_q,iwsft,iwsft_q --seeds 3 --workers 2     # the grid: <out>/grid.md
+    python -m control.experiments --cpu-grid --workers 2                      # that grid at a reduced budget (~1 h)
 
 Every run writes <out>/<dataset>/<algo>/seed<k>/{result.json, curve.csv, policy.pt}; finished runs are skipped on a
 rerun if their settings and data match (else the script stops and lists what differs). BC is always trained first for

@@ -355,14 +355,14 @@ def test_snapshots_of_an_unfinished_agent_are_refused_unless_allowed(tmp_path, m
     _snap(assets / "walker2d", 51200)
     _snap(assets / "walker2d", 102400)  # stopped at 102,400 of walker2d's 1M steps, no agent.json
     expected = (rf"{assets}/walker2d: the behaviour agent's training is unfinished: its last snapshot "
-                r"\(snap_00102400.npz\) is at 102,400 of 1,600,000 steps \(no agent.json recording a finished run\)"
+                r"\(snap_00102400.npz\) is at 102,400 of 1,228,800 steps \(no agent.json recording a finished run\)"
                 rf".*`python -m control.agent --env walker2d --assets {assets}` \(resumable\), or pass "
                 r"--allow-unfinished-agent")
     with pytest.raises(ValueError, match=expected):
         data.build_episodes("walker2d", "expert", 10, assets=assets)
     with pytest.raises(SystemExit) as e:
         data.main(["build", "--env", "walker2d", "--kind", "expert", "--steps", "10", "--assets", str(assets)])
-    assert e.value.code == 2 and "102,400 of 1,600,000 steps" in capsys.readouterr().err
+    assert e.value.code == 2 and "102,400 of 1,228,800 steps" in capsys.readouterr().err
     assert minari.list_local_datasets() == {}  # refused before anything was rolled out or written
     # a record saying unfinished (an interrupted run): the steps it asked for
     (assets / "walker2d" / "agent.json").write_text(json.dumps({"finished": False, "total_steps": 300000}))
@@ -520,3 +520,22 @@ def test_a_refused_forced_rebuild_keeps_the_old_dataset(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unfinished"):
         data.build("hopper", "expert", 1000, force=True)
     assert did in minari.list_local_datasets()  # deleted only once a new one is built
+
+
+@pytest.mark.parametrize("env", ["hopper", "walker2d", "halfcheetah"])
+def test_shipped_behaviour_agents_are_finished_and_act_in_their_environment(env):
+    """Every shipped agent has a finished run record naming its last snapshot (control.data builds only from those),
+    and that snapshot maps the simulator's observations to actions of the simulator's shape, inside [-1, 1]."""
+    import gymnasium as gym
+
+    from control.agent import SnapshotPolicy, check_agent_finished, list_snapshots
+    from control.envs import get_env
+    rec = check_agent_finished(env)
+    snaps = list_snapshots(env)
+    assert rec["finished"] is True and rec["final_snapshot"] == snaps[-1].name
+    assert rec["steps_done"] == int(np.load(snaps[-1])["steps"])
+    e = gym.make(get_env(env).gym_id)
+    obs, _ = e.reset(seed=0)
+    a = SnapshotPolicy(snaps[-1]).act(obs[None], np.random.default_rng(0))[0]
+    assert a.shape == e.action_space.shape and np.all(np.abs(a) <= 1.0)
+    e.close()
