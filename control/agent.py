@@ -163,8 +163,10 @@ def check_agent_finished(env: str, assets: str | Path = ASSETS) -> dict:
     if rec is None or rec.get("finished") is not True:
         total = (rec or {}).get("total_steps") or HYPERPARAMS[name]["total_steps"]
         why = f"no {AGENT_RECORD} recording a finished run" if rec is None else f"{AGENT_RECORD} says unfinished"
+        what = ("unfinished" if _snapshot_steps(last) < int(total) else
+                "not recorded as finished (it may have been stopped before its record was written)")
         raise ValueError(
-            f"{d}: the behaviour agent's training is unfinished: its last snapshot ({last.name}) is at "
+            f"{d}: the behaviour agent's training is {what}: its last snapshot ({last.name}) is at "
             f"{_snapshot_steps(last):,} of {int(total):,} steps ({why}), so a dataset built from it would not be "
             f"what its kind says. {fix}")
     if rec.get("final_snapshot") != last.name:
@@ -228,11 +230,22 @@ def train_agent(cfg: AgentConfig) -> list[Path]:
     torch.set_num_threads(1)
     spec = get_env(cfg.env)
     hp = HYPERPARAMS[spec.name]
-    total = cfg.total_steps or hp["total_steps"]
-    every = cfg.snapshot_every or hp["snapshot_every"]
+    for flag, val in (("--total-steps", cfg.total_steps), ("--snapshot-every", cfg.snapshot_every)):
+        if val is not None and val < 1:
+            raise ValueError(f"{flag} {val}: must be >= 1 (leave it out for {spec.name}'s default, "
+                             f"{hp[flag[2:].replace('-', '_')]:,})")
+    total = cfg.total_steps if cfg.total_steps is not None else hp["total_steps"]
+    every = cfg.snapshot_every if cfg.snapshot_every is not None else hp["snapshot_every"]
     out_dir = Path(cfg.assets) / spec.name
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Path(cfg.workdir) / spec.name / "ppo.zip"
+    old_snaps = sorted(out_dir.glob("snap_*.npz"))
+    if old_snaps and not ckpt.exists():  # a fresh run would add its snapshots to another run's: refuse
+        raise ValueError(
+            f"--assets {cfg.assets}: {out_dir} already holds {len(old_snaps)} snapshots of another run (and "
+            f"{ckpt} has no checkpoint to resume): a new run's snapshots would mix with them and datasets would use "
+            f"both. Train into an empty --assets folder, delete those snapshots, or point --workdir at the "
+            f"checkpoint of the run that made them to resume it.")
+    out_dir.mkdir(parents=True, exist_ok=True)
     norm_path = ckpt.with_name("vecnormalize.pkl")
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     env = DummyVecEnv([lambda: Monitor(gym.make(spec.gym_id))])
@@ -313,7 +326,11 @@ def main(argv=None):
     p.add_argument("--workdir", default=d.workdir, help="where the resumable SB3 checkpoint is kept (<workdir>/<env>/)")
     p.add_argument("--assets", default=d.assets, help="where the snapshots and agent.json go (<assets>/<env>/)")
     a = p.parse_args(argv)
-    snaps = train_agent(AgentConfig(a.env, a.total_steps, a.snapshot_every, a.seed, a.workdir, a.assets))
+    from control.envs import USER_ERRORS, exit_on_user_error
+    try:
+        snaps = train_agent(AgentConfig(a.env, a.total_steps, a.snapshot_every, a.seed, a.workdir, a.assets))
+    except USER_ERRORS as e:
+        exit_on_user_error(e)
     print(f"{len(snaps)} snapshots in {snaps[0].parent}")
 
 

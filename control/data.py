@@ -17,7 +17,9 @@ the traceback).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import time
 
 import numpy as np
@@ -111,17 +113,51 @@ def build_episodes(env: str, kind: str, steps: int = DEFAULT_STEPS, seed: int = 
     return eps, np.array(final)
 
 
+def snapshots_fingerprint(env: str, assets=ASSETS) -> str:
+    """sha256 (16 hex digits) over the names and bytes of the snapshots a dataset is built from: the dataset's
+    description records it, so a dataset is reused only for the snapshots that made it."""
+    h = hashlib.sha256()
+    for p in list_snapshots(env, assets):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+FINGERPRINT = re.compile(r"snapshots sha256 ([0-9a-f]{16})")
+
+
+def check_reuse(did: str, env: str, assets=ASSETS, allow_unfinished_agent: bool = False) -> None:
+    """Before an existing dataset `did` is reused: it must come from the snapshots in `assets` (the fingerprint in
+    its description; datasets built before fingerprints were recorded are taken as they are) and, unless
+    `allow_unfinished_agent`, not from an unfinished agent. Raises ValueError naming --force as the fix."""
+    import minari
+
+    desc = minari.load_dataset(did).storage.metadata.get("description") or ""
+    fix = f"rebuild it with `python -m control.data build --env {get_env(env).name} ... --force`"
+    if "UNFINISHED agent" in desc and not allow_unfinished_agent:
+        raise ValueError(f"dataset {did} exists but was built from the snapshots of an UNFINISHED agent "
+                         f"(--allow-unfinished-agent): {fix}, or pass --allow-unfinished-agent to use it anyway.")
+    m = FINGERPRINT.search(desc)
+    if m and m.group(1) != snapshots_fingerprint(env, assets):
+        raise ValueError(f"dataset {did} exists but was built from other snapshots (sha256 {m.group(1)}) than "
+                         f"those in {assets}/{get_env(env).name} (sha256 {snapshots_fingerprint(env, assets)}): "
+                         f"{fix}.")
+
+
 def build(env: str, kind: str, steps: int = DEFAULT_STEPS, seed: int = 0, force: bool = False, assets=ASSETS,
           allow_unfinished_agent: bool = False) -> str:
-    """Builds the dataset and writes it as a Minari dataset; returns its id. Skips if it already exists.
+    """Builds the dataset and writes it as a Minari dataset; returns its id. Reuses an existing one built from the
+    same snapshots (check_reuse).
 
     Raises as build_episodes does (steps < 1, seed < 0, unknown kind, no snapshots, snapshots of an unfinished
-    agent unless `allow_unfinished_agent`), before anything is rolled out or written."""
+    agent unless `allow_unfinished_agent`), before anything is rolled out or written; as check_reuse does when the
+    existing dataset came from other snapshots or an unfinished agent."""
     import minari
 
     _check_request(kind, steps, seed)
     did = dataset_id(env, kind, steps, seed)
     if did in minari.list_local_datasets() and not force:
+        check_reuse(did, env, assets, allow_unfinished_agent)
         return did
     t0 = time.time()
     eps, final = build_episodes(env, kind, steps, seed, assets, allow_unfinished_agent)
@@ -136,7 +172,7 @@ def build(env: str, kind: str, steps: int = DEFAULT_STEPS, seed: int = 0, force:
         agent = f"an UNFINISHED agent (last snapshot at {SnapshotPolicy(list_snapshots(env, assets)[-1]).steps} steps)"
     save_minari(eps, did, final, algorithm_name="SB3 PPO snapshots (control.agent)",
                 description=f"{kind} dataset built by control.data from {n_snaps} PPO snapshots of {agent}, "
-                            f"seed {seed}")
+                            f"seed {seed} (snapshots sha256 {snapshots_fingerprint(env, assets)})")
     info = {"dataset_id": did, "build_s": round(time.time() - t0, 1), "rollout_s": round(t_roll, 1), **eps.summary()}
     print(json.dumps(info), flush=True)
     return did
@@ -177,9 +213,12 @@ def _check_cli(a) -> None:
     if a.seed < 0:
         raise ValueError(f"--seed {a.seed}: the rollout seed must be >= 0 (default 0)")
     try:
-        get_env(a.env)
+        spec = get_env(a.env)
     except ValueError as e:
         raise ValueError(f"--env {a.env!r}: {e}") from None
+    if "-v" in a.env.lower() and a.env.lower() != spec.gym_id.lower():  # e.g. Walker2d-v4: we roll out in -v5 only
+        raise ValueError(f"--env {a.env!r}: datasets are built in {spec.gym_id}, the environment the behaviour agent "
+                         f"was trained in; pass {spec.name} or {spec.gym_id}")
     from pathlib import Path
     folder = Path(a.assets) / get_env(a.env).name
     if not sorted(folder.glob("snap_*.npz")):

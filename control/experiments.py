@@ -18,10 +18,12 @@ thread each).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -328,6 +330,44 @@ def run_all(cfg: ExperimentConfig) -> Path:
             if dataset_id(c.env or "hopper", c.dataset, c.dataset_steps) not in minari.list_local_datasets():
                 check_agent_finished(c.env or "hopper")  # snapshots of a finished agent (control.data build --help)
     torch.set_num_threads(1)
+    with out_lock(Path(cfg.out)):
+        return _run_locked(cfg, cfgs)
+
+
+LOCK = ".control-experiments.lock"  # in --out while a run writes there: holds the writer's pid
+
+
+@contextlib.contextmanager
+def out_lock(out: Path):
+    """Only one control.experiments writes to an --out folder at a time (two would rewrite each other's dataset.json
+    and tables, and could train the same run twice). Raises ValueError while another live process holds the lock; a
+    lock left by a killed process is taken over."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK
+    try:
+        pid = int(lock.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        pid = 0
+    if pid and pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if alive:
+            raise ValueError(f"--out {out}: another control.experiments (pid {pid}) is writing there; wait for it to "
+                             f"finish, stop it, or pick another --out (if pid {pid} is not ours, delete {lock}).")
+    lock.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        if lock.exists() and lock.read_text().strip() == str(os.getpid()):
+            lock.unlink()
+
+
+def _run_locked(cfg: ExperimentConfig, cfgs: list[ExperimentConfig]) -> Path:
     prepared = [(c, *prepare(c)) for c in cfgs]  # every dataset built and checked before any training
     jobs = sum(c.seeds * (1 + len([a for a in c.algos if a != "bc"])) for c in cfgs)
     if cfg.workers == 1 or jobs == 1:
@@ -343,6 +383,7 @@ def run_all(cfg: ExperimentConfig) -> Path:
     if len(prepared) == 1:
         return prepared[0][2]
     grid = write_grid_table(Path(cfg.out), [root for _, _, root in prepared])
+    plot_grid(Path(cfg.out), [root for _, _, root in prepared])
     print(grid)
     return Path(cfg.out)
 
@@ -558,9 +599,11 @@ def budget_lines(roots: list[Path], algos) -> list[str]:
                                                     if bc["full_episodes"] else f" on {bc['batch_size']} sampled steps per batch"))
     if ft:
         parts.append(f"fine-tuning {ft['steps']:,} steps" + (
-            f" on {ft['full_episodes']} whole episodes per batch (exact), weights refreshed every "
-            f"{ft['refresh_every']} step(s)" if ft["full_episodes"] else
+            f" on {ft['full_episodes']} whole episodes per batch (exact; drawn with replacement), weights "
+            f"refreshed every {ft['refresh_every']} step(s)" if ft["full_episodes"] else
             f" on {ft['batch_size']} sampled steps per batch (sampled approximation)"))
+        parts.append(f"filtered BC / iw-SFT keep the top {100 * ft['filter_fraction']:g}% of episodes by return; "
+                     f"loss reduction `{ft['reduction']}`")
     parts.append(f"final evaluation {runs[0]['final']['episodes']} episodes")
     hours = sum(r["wall_time_s"] for r in runs) / 3600
     return [f"Budget: {'; '.join(parts)}. The authors': D4RL datasets of 0.2-2M steps; BC 10,000 steps; fine-tuning "
@@ -637,6 +680,47 @@ def plot(root: Path) -> None:
         plt.close(fig)
 
 
+def plot_grid(out: Path, roots: list[Path]) -> None:
+    """grid_curves.png: one panel per dataset of the grid, the normalised score of every fine-tuning algorithm over
+    its gradient steps (mean over seeds; step 0 is BC's final score, where they all start) and BC's final score as
+    a horizontal line. BC's own curve is in each dataset's curves.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(roots))
+    rows = math.ceil(len(roots) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, root in zip(axes.flat, roots):
+        results = load_results(root, ALGOS)
+        bc_final = np.mean([r["final"]["score_mean"] for r in results["bc"]]) if "bc" in results else None
+        for algo, runs in results.items():
+            color, ls = STYLES.get(algo, (None, "-"))
+            if algo == "bc":
+                ax.axhline(bc_final, color=color, ls=ls, lw=1.2, label="bc (final)")
+                continue
+            steps, x_m = _series(runs, "score")
+            if not len(steps) or not len(x_m):
+                continue
+            x, m = steps, x_m.mean(0)
+            if bc_final is not None:
+                x, m = np.concatenate([[0], x]), np.concatenate([[bc_final], m])
+            ax.plot(x, m, color=color, ls=ls, lw=1.4, label=algo)
+        ds = json.loads((root / "dataset.json").read_text())
+        kind = dataset_kind(ds.get("source", ""))
+        ax.set_title(f"{ds.get('env')}-{kind}" if kind else root.name, fontsize=9)
+        ax.set_xlabel("fine-tuning gradient steps", fontsize=8)
+        ax.set_ylabel("normalised score", fontsize=8)
+    for ax in list(axes.flat)[len(roots):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(out / "grid_curves.png", dpi=100)
+    plt.close(fig)
+
+
 # the quick demo shows the plumbing in a few minutes: the sampled approximation (its table header says so)
 QUICK = dict(dataset="medium-replay", dataset_steps=50_000, algos=("bc", "filtered_bc", "iwsft"), seeds=1,
              bc_steps=2000, steps=500, eval_every=125, final_eval_episodes=10, full_episodes=0)
@@ -645,10 +729,13 @@ QUICK = dict(dataset="medium-replay", dataset_steps=50_000, algos=("bc", "filter
 # the locomotion grid at a named, reduced budget that fits ~90 min on 2 cores (docs/control.md, "What the full
 # locomotion grid costs on CPU"): the authors' estimator (exact whole-episode batches, weights refreshed every step)
 # but 50k-step datasets, 3k BC steps and 400 fine-tuning steps (authors: 0.2-2M-step D4RL datasets, 10k and 2k);
-# its grid.md prints these settings next to the table. --seeds, --workers and --out may still be given.
+# its grid.md prints these settings next to the table. Only --seeds, --workers and --out may still be given.
 CPU_GRID = dict(env="hopper,walker2d,halfcheetah", dataset="medium,medium-replay,medium-expert", dataset_steps=50_000,
                 algos=ALGOS, bc_steps=3000, steps=400, full_episodes=256, refresh_every=1, eval_every=100,
-                eval_episodes=5, final_eval_episodes=30)
+                eval_episodes=5, final_eval_episodes=30,
+                # the authors' settings, held so that --cpu-grid always measures the same thing
+                filter_fraction=0.1, reduction="episode", batch_size=512, bc_full_episodes=0, eval_env=None,
+                drop_nonfinite=False)
 PRESETS = {"--quick": (QUICK, "runs/control-quick"), "--cpu-grid": (CPU_GRID, "runs/control-grid-cpu")}
 
 
@@ -703,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small end-to-end demo: " + json.dumps(QUICK))
     p.add_argument("--cpu-grid", action="store_true",
                    help="the 3 environments x 3 datasets x 5 algorithms grid at a reduced budget named in its "
-                        "grid.md (~90 min with --workers 2; out runs/control-grid-cpu): "
+                        "grid.md (~1 h with --workers 2, twice that with 1; out runs/control-grid-cpu): "
                         + json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in CPU_GRID.items()}))
     return p
 

@@ -319,3 +319,24 @@ def test_trainer_settings_are_refused_by_their_flag_name(tmp_path, capsys, flag,
 def test_a_repeated_grid_entry_runs_once():
     cfgs = ex.expand_grid(ex.ExperimentConfig(env="hopper,hopper", dataset="medium, medium,expert"))
     assert [(c.env, c.dataset) for c in cfgs] == [("hopper", "medium"), ("hopper", "expert")]
+
+
+def test_one_writer_per_out_folder(tmp_path):
+    """A live process's lock refuses a second writer, naming it; a dead process's lock is taken over and removed."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (out / ex.LOCK).write_text(str(live.pid))
+        with pytest.raises(ValueError, match=rf"another control.experiments \(pid {live.pid}\) is writing there"):
+            with ex.out_lock(out):
+                pass
+    finally:
+        live.kill()
+        live.wait()
+    with ex.out_lock(out):  # that process is gone: its lock is stale
+        assert (out / ex.LOCK).read_text() == str(os.getpid())
+    assert not (out / ex.LOCK).exists()

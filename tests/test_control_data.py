@@ -539,3 +539,66 @@ def test_shipped_behaviour_agents_are_finished_and_act_in_their_environment(env)
     a = SnapshotPolicy(snaps[-1]).act(obs[None], np.random.default_rng(0))[0]
     assert a.shape == e.action_space.shape and np.all(np.abs(a) <= 1.0)
     e.close()
+
+
+def test_an_existing_dataset_is_reused_only_for_the_snapshots_that_built_it(tmp_path, monkeypatch, capsys):
+    """A dataset id names env, kind, size and seed, not the snapshots: reusing it for other snapshots, or reusing
+    one built from an unfinished agent for a finished one, is refused with --force as the fix."""
+    import json
+
+    from control import data
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for assets in (a, b):
+        _snap(assets / "walker2d", 51200)
+        (assets / "walker2d" / "agent.json").write_text(json.dumps({"finished": True,
+                                                                    "final_snapshot": "snap_00051200.npz"}))
+    # b's snapshot differs in one byte-level value (its log-std)
+    z = dict(np.load(b / "walker2d" / "snap_00051200.npz"))
+    np.savez(b / "walker2d" / "snap_00051200.npz", **{**z, "log_std": z["log_std"] + 0.5})
+    assert data.build("walker2d", "medium", 10, assets=a) == "iwsft/walker2d/medium-10-v0"
+    assert data.build("walker2d", "medium", 10, assets=a) == "iwsft/walker2d/medium-10-v0"  # same snapshots: reused
+    with pytest.raises(ValueError, match=r"exists but was built from other snapshots .*--force"):
+        data.build("walker2d", "medium", 10, assets=b)
+    assert data.build("walker2d", "medium", 10, assets=b, force=True) == "iwsft/walker2d/medium-10-v0"
+    # a dataset from an unfinished agent is not reused for a finished one
+    _snap(a / "walker2d", 102400)  # a later snapshot, not in a's finished record
+    data.build("walker2d", "expert", 10, assets=a, allow_unfinished_agent=True)
+    (a / "walker2d" / "snap_00102400.npz").unlink()
+    with pytest.raises(ValueError, match=r"UNFINISHED agent .*--force"):
+        data.build("walker2d", "expert", 10, assets=a)
+
+
+@pytest.mark.parametrize("env,message", [
+    ("Walker2d-v4", "error: --env 'Walker2d-v4': datasets are built in Walker2d-v5"),
+    ("hopper-v3", "error: --env 'hopper-v3': datasets are built in Hopper-v5"),
+])
+def test_data_build_refuses_another_simulator_version(tmp_path, monkeypatch, capsys, env, message):
+    from control import data
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    with pytest.raises(SystemExit) as e:
+        data.main(["build", "--env", env, "--kind", "medium", "--steps", "10"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(message)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--total-steps", "0"], "error: --total-steps 0: must be >= 1"),
+    (["--total-steps", "-5"], "error: --total-steps -5: must be >= 1"),
+    (["--snapshot-every", "0"], "error: --snapshot-every 0: must be >= 1"),
+    (["--env", "ant"], "error: unknown environment 'ant'"),
+])
+def test_agent_cli_refuses_bad_budgets_before_training(tmp_path, capsys, args, message):
+    from control import agent
+    with pytest.raises(SystemExit) as e:
+        agent.main(["--env", "walker2d", *args, "--assets", str(tmp_path / "as"), "--workdir", str(tmp_path / "w")])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith(message)
+    assert not (tmp_path / "as").exists()  # nothing written
+
+
+def test_a_fresh_agent_run_never_adds_its_snapshots_to_another_runs(tmp_path):
+    from control.agent import AgentConfig, train_agent
+    assets = tmp_path / "assets"
+    _snap(assets / "walker2d", 51200)
+    with pytest.raises(ValueError, match=r"already holds 1 snapshots of another run .*empty --assets"):
+        train_agent(AgentConfig("walker2d", total_steps=512, assets=str(assets), workdir=str(tmp_path / "w")))
+    assert sorted(p.name for p in (assets / "walker2d").iterdir()) == ["snap_00051200.npz"]

@@ -73,10 +73,12 @@ def test_all_algorithms_on_a_grid_of_built_datasets_in_two_workers(tmp_path):
     # the budget line restates this test's own flags (hand-written here) and sums the saved run times
     sizes = [json.loads((root / "dataset.json").read_text())["steps"] for root in roots]
     assert (f"Budget: datasets of {min(sizes):,}-{max(sizes):,} steps; BC 30 steps on 64 sampled steps per batch; "
-            "fine-tuning 20 steps on 256 whole episodes per batch (exact), weights refreshed every 5 step(s); "
-            "final evaluation 2 episodes.") in grid_md
+            "fine-tuning 20 steps on 256 whole episodes per batch (exact; drawn with replacement), weights "
+            "refreshed every 5 step(s); filtered BC / iw-SFT keep the top 25% of episodes by return; loss reduction "
+            "`episode`; final evaluation 2 episodes.") in grid_md
     wall = sum(json.loads(f.read_text())["wall_time_s"] for root in roots for f in root.glob("*/seed*/result.json"))
     assert f"20 runs, {wall / 3600:.2f} h of run time" in grid_md
+    assert (tmp_path / "out" / "grid_curves.png").stat().st_size > 0
     assert "| hopper-medium-replay | 29.8 ± 2.1 | 70.4 ± 8.7 |" in grid_md  # CORL's published row, as context
     assert "| dataset |" in out
     # resumable: a second run trains nothing
