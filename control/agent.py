@@ -6,7 +6,7 @@ so); Walker2d and HalfCheetah use rl-zoo3's tuned PPO settings for ``Walker2d-v4
 mean/variance at each snapshot are stored in the snapshot. PPO rather than rl-zoo3's SAC/TD3: on one CPU core SB3's
 SAC runs ~40 environment steps/s (one 256x256 gradient step per environment step), so reaching D4RL's "medium" level
 would take hours; tuned PPO runs ~300-500 steps/s here. Measured to D4RL's "medium" level on one core (2026-11-30):
-HalfCheetah 1M steps ~45 CPU-min; Walker2d was trained to 1.6M steps (~285 steps/s, ~95 CPU-min) and its shipped run stops early
+HalfCheetah 1M steps ~45 CPU-min; Walker2d was trained to 1.6M steps (~285 steps/s, so ~95 CPU-min at that rate) and its shipped run stops early
 at 1,228,800 steps, the snapshot that evaluated best (PPO's score oscillated and ended at normalised 37.5, below
 "medium"; agent.json records the evaluations), as D4RL's medium policies were early-stopped.
 

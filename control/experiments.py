@@ -6,7 +6,7 @@
     python -m control.experiments --quick                                     # small end-to-end demo (minutes)
     python -m control.experiments --env hopper,walker2d,halfcheetah --dataset medium,medium-replay,medium-expert \\
         --algos bc,filtered_bc,sft_q,iwsft,iwsft_q --seeds 3 --workers 2     # the grid: <out>/grid.md
-    python -m control.experiments --cpu-grid --workers 2                      # that grid at a reduced budget (~1 h)
+    python -m control.experiments --cpu-grid --workers 2                      # that grid at a reduced budget (~1.5 h)
 
 Every run writes <out>/<dataset>/<algo>/seed<k>/{result.json, curve.csv, policy.pt}; finished runs are skipped on a
 rerun if their settings and data match (else the script stops and lists what differs). BC is always trained first for
@@ -790,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small end-to-end demo: " + json.dumps(QUICK))
     p.add_argument("--cpu-grid", action="store_true",
                    help="the 3 environments x 3 datasets x 5 algorithms grid at a reduced budget named in its "
-                        "grid.md (~1 h with --workers 2, twice that with 1; out runs/control-grid-cpu): "
+                        "grid.md (~1.5 h with --workers 2, twice that with 1; out runs/control-grid-cpu): "
                         + json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in CPU_GRID.items()}))
     return p
 
